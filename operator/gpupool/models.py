@@ -1,4 +1,4 @@
-"""Pydantic models of the Pool and Subscription specs (camelCase on the wire, unknown fields refused).
+"""Pydantic models of the Pool and Subscription specs (camelCase on the wire, no unknown fields).
 
 The CRD schemas in ``crds/`` are the API server's copy of the same contract; a unit test keeps the
 two in agreement.

@@ -1,0 +1,50 @@
+"""The ``gpupool`` command: ``gpupool operator``, ``gpupool gateway``, ..."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _operator(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="gpupool operator",
+                                     description="Run the gpupool Kubernetes operator.")
+    parser.add_argument("--namespace", "-n", action="append", default=[],
+                        help="namespace to watch (repeatable); default: all namespaces")
+    parser.add_argument("--liveness", default=None,
+                        help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument("--verbose", "-v", action="store_true")
+    args = parser.parse_args(argv)
+
+    import kopf
+
+    import gpupool.handlers  # noqa: F401 - registers the handlers
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    kopf.run(standalone=True, clusterwide=not args.namespace, namespaces=list(args.namespace),
+             liveness_endpoint=args.liveness)
+    return 0
+
+
+def _gateway(argv: list[str]) -> int:
+    from gpupool.gateway.cli import main as gateway_main
+
+    return gateway_main(argv)
+
+
+COMMANDS = {"operator": _operator, "gateway": _gateway}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: gpupool {{{','.join(COMMANDS)}}} [options]", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

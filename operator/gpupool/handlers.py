@@ -1,0 +1,148 @@
+"""Every kopf handler of the operator. Watch handlers only update the world cache and enqueue;
+the reconciles in pool_service and subscription_service decide and write."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from gpupool import GROUP, VERSION, names
+from gpupool.controller import Controller
+from gpupool.kube import Kube
+from gpupool.ledger import parse_ledger
+from gpupool.pool_service import claim_of
+from gpupool.world import key_of, pool_ref_of
+
+log = logging.getLogger(__name__)
+MANAGED = {"app.kubernetes.io/managed-by": "gpupool"}
+
+
+def _ctl(memo: Any) -> Controller:
+    ctl: Controller = memo.ctl
+    return ctl
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    settings.persistence.finalizer = names.FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=names.PREFIX, key="last-handled-configuration")
+    # Phase changes are Events the operator posts itself; kopf's own log lines stay in the log.
+    settings.posting.level = logging.ERROR
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    settings.networking.request_timeout = 60
+    settings.batching.worker_limit = 64
+    settings.execution.max_workers = 4
+
+    from gpupool.billing_config import make_billing
+
+    kube = await Kube.connect()
+    ctl = Controller(kube, billing=make_billing(),
+                     workers=int(os.environ.get("GPUPOOL_WORKERS", "16")),
+                     resync_seconds=float(os.environ.get("GPUPOOL_RESYNC_SECONDS", "300")))
+    port = int(os.environ.get("GPUPOOL_METRICS_PORT", "0"))
+    if port:
+        ctl.metrics.serve(port)
+    memo.ctl = ctl
+    ctl.start()
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: Any, **_: Any) -> None:
+    ctl = getattr(memo, "ctl", None)
+    if ctl is not None:
+        await ctl.stop()
+
+
+@kopf.on.event(GROUP, VERSION, "pools")
+async def pool_event(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
+    ctl = _ctl(memo)
+    key = key_of(body)
+    if type == "DELETED":
+        ctl.world.pools.pop(key, None)
+        for sub_key in ctl.world.sub_keys_of_pool(key):
+            ctl.subs.add(sub_key)
+        return
+    ctl.world.pools[key] = dict(body)
+    ctl.pools.add(key)
+
+
+@kopf.on.event(GROUP, VERSION, "subscriptions")
+async def subscription_event(type: str, body: kopf.Body, memo: Any,
+                             **_: Any) -> None:
+    ctl = _ctl(memo)
+    key = key_of(body)
+    old = ctl.world.subs.get(key)
+    new = dict(body)
+    if type == "DELETED":
+        ctl.world.drop_sub(key)
+        ctl.pools.add(pool_ref_of(new))
+        return
+    ctl.world.put_sub(new)
+    ctl.subs.add(key)
+    if old is None or claim_of(old) != claim_of(new) or pool_ref_of(old) != pool_ref_of(new):
+        ctl.pools.add(pool_ref_of(new))
+        if old is not None and pool_ref_of(old) != pool_ref_of(new):
+            ctl.pools.add(pool_ref_of(old))
+
+
+@kopf.on.delete(GROUP, VERSION, "subscriptions")
+async def subscription_deleted(body: kopf.Body, memo: Any, **_: Any) -> None:
+    """Deleting a Subscription cancels it at once: billing stops, the key goes, seats free up."""
+    ctl = _ctl(memo)
+    meta = body["metadata"]
+    status = body.get("status") or {}
+    sub_id = (status.get("billing") or {}).get("subscriptionId")
+    if sub_id and ctl.billing.enabled and (status.get("billing") or {}).get("status") != "canceled":
+        await ctl.billing.cancel_now(sub_id)
+        await ctl.kube.patch_status("subscriptions", meta["namespace"], meta["name"],
+                                    {"billing": {"status": "canceled"}})
+    secret = names.key_secret_name(meta["name"])
+    if await ctl.kube.get("secrets", meta["namespace"], secret) is not None:
+        await ctl.kube.delete("secrets", meta["namespace"], secret)
+    pool_key = pool_ref_of(dict(body))
+    pool = await ctl.kube.get_custom("pools", *pool_key)
+    held = parse_ledger(((pool or {}).get("status") or {}).get("ledger")).get(meta["name"])
+    if held is not None and held[0] == meta.get("uid"):
+        ctl.world.put_sub(dict(body))
+        ctl.pools.add(pool_key)
+        raise kopf.TemporaryError("waiting for the pool to release the seats", delay=1)
+    ctl.open_keys.add(pool_key)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+async def deployment_event(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
+    ctl = _ctl(memo)
+    pool = body.get("metadata", {}).get("labels", {}).get(names.LABEL_POOL)
+    if type == "DELETED":
+        ctl.world.deployments.pop(key_of(body), None)
+    else:
+        ctl.world.deployments[key_of(body)] = dict(body)
+    if pool:
+        ctl.pools.add((body["metadata"]["namespace"], pool))
+
+
+@kopf.on.event("", "v1", "pods", labels=MANAGED)
+async def pod_event(body: kopf.Body, memo: Any, **_: Any) -> None:
+    pool = body.get("metadata", {}).get("labels", {}).get(names.LABEL_POOL)
+    if pool:
+        _ctl(memo).pools.add((body["metadata"]["namespace"], pool))
+
+
+@kopf.on.event("", "v1", "secrets", labels={names.LABEL_KIND: names.KIND_API_KEY})
+async def key_secret_event(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
+    ctl = _ctl(memo)
+    key = key_of(body)
+    if type == "DELETED":
+        ctl.world.key_secrets.pop(key, None)
+    else:
+        ctl.world.key_secrets[key] = dict(body)
+    pool = body.get("metadata", {}).get("labels", {}).get(names.LABEL_POOL)
+    if pool:
+        ctl.open_keys.add((key[0], pool))

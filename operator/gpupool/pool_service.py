@@ -1,0 +1,245 @@
+"""Reconcile one Pool: plan the seat ledger, decide the phase, run the workload, write status."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from gpupool import events, keys, ledger, names, workload
+from gpupool.blocks import BLOCK_ORDER, Block
+from gpupool.conditions import get_condition, iso, set_condition
+from gpupool.models import PoolSpec, describe_validation_error, parse_pool_spec
+from gpupool.pricing import format_money, min_price
+
+if TYPE_CHECKING:
+    from gpupool.controller import Controller
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+
+ACCEPTED = "Accepted"
+
+
+def claim_of(sub: Obj) -> ledger.Claim | None:
+    """How the planner sees a subscription; None when its spec cannot be read at all."""
+    meta = sub.get("metadata", {})
+    spec = sub.get("spec") or {}
+    status = sub.get("status") or {}
+    try:
+        from gpupool.models import parse_subscription_spec
+        parsed = parse_subscription_spec(spec)
+    except (ValidationError, ValueError):
+        return None
+    accepted = get_condition(status.get("conditions"), ACCEPTED)
+    eligible = (
+        not meta.get("deletionTimestamp")
+        and status.get("phase") != "canceled"
+        and bool(accepted and accepted.get("status") == "True")
+    )
+    return ledger.Claim(name=meta["name"], uid=meta.get("uid", ""),
+                        created=meta.get("creationTimestamp", ""),
+                        blocks=parsed.normalized_blocks(), quantity=parsed.quantity,
+                        eligible=eligible)
+
+
+def deployment_ready(dep: Obj | None, desired: int) -> tuple[bool, int]:
+    """(Available with at least one ready replica and the latest spec observed, ready count)."""
+    if not dep or desired < 1:
+        return False, 0
+    st = dep.get("status") or {}
+    ready = int(st.get("readyReplicas") or 0)
+    current = st.get("observedGeneration") == dep.get("metadata", {}).get("generation")
+    available = get_condition(st.get("conditions"), "Available")
+    ok = bool(current and available and available.get("status") == "True" and ready >= 1)
+    return ok, ready
+
+
+def decide_phase(spec: PoolSpec, activated: bool, pledged: int, available: bool) -> str:
+    if spec.paused:
+        return "paused"
+    if activated:
+        return "active"
+    if not spec.published:
+        return "draft"
+    if pledged >= spec.activation_threshold:
+        return "active" if available else "activating"
+    return "funding"
+
+
+def ledger_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge-patch turning ledger ``old`` into ``new`` (null removes an entry)."""
+    patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
+    patch.update({k: None for k in old if k not in new})
+    return patch
+
+
+async def reconcile_pool(ctl: Controller, key: tuple[str, str]) -> float | None:
+    ns, name = key
+    pool = await ctl.kube.get_custom("pools", ns, name)
+    if pool is None or pool["metadata"].get("deletionTimestamp"):
+        for sub_key in ctl.world.sub_keys_of_pool(key):
+            ctl.subs.add(sub_key)
+        return None
+    meta = pool["metadata"]
+    gen = meta.get("generation")
+    status: Obj = dict(pool.get("status") or {})
+    now = ctl.clock()
+    conds = status.get("conditions") or []
+
+    try:
+        spec = parse_pool_spec(pool.get("spec") or {})
+        bad_args = workload.check_extra_args(spec.runtime.extra_args)
+    except (ValidationError, ValueError) as exc:
+        conds = set_condition(conds, "Ready", False, "InvalidSpec",
+                              describe_validation_error(exc), gen, now)
+        await _write(ctl, pool, {"conditions": conds, "observedGeneration": gen})
+        return None
+    if bad_args:
+        conds = set_condition(
+            conds, "Ready", False, "OwnedArgs",
+            f"spec.runtime.extraArgs: {', '.join(bad_args)} are set by the operator; remove them",
+            gen, now)
+    else:
+        conds = set_condition(conds, "Ready", True, "SpecValid", "spec accepted", gen, now)
+
+    claims = [c for s in ctl.world.subs_of_pool(key) if (c := claim_of(s)) is not None]
+    admitting = spec.published and not spec.paused
+    old_ledger_raw = status.get("ledger") or {}
+    planned = ledger.plan(spec.capacity(), ledger.parse_ledger(old_ledger_raw), claims, admitting)
+    new_ledger_raw = ledger.dump_ledger(planned.ledger)
+    pledged = planned.pledged_slots()
+
+    activated = bool(status.get("activatedAt"))
+    provisional = decide_phase(spec, activated, pledged, available=False)
+    desired = 0 if bad_args else workload.desired_replicas(
+        spec, planned.reserved(), now, provisional)
+    dep = await _apply_workload(ctl, pool, spec, desired)
+    available, ready = deployment_ready(dep, desired)
+    phase = decide_phase(spec, activated, pledged, available)
+    if phase == "active" and not activated:
+        status["activatedAt"] = iso(now)
+        await events.post(ctl.kube, pool, "Activated", "the pool's workload is Available")
+
+    conds = await _workload_conditions(ctl, pool, spec, phase, desired, dep, available, ready,
+                                       conds, gen, now)
+    reserved = planned.reserved()
+    capacity = spec.capacity()
+    prices = spec.prices()
+    new_status: Obj = {
+        "phase": phase,
+        "observedGeneration": gen,
+        "seats": {b.value: {"capacity": capacity[b], "reserved": reserved[b],
+                            "price": format_money(prices[b])}
+                  for b in BLOCK_ORDER if b in capacity},
+        "totalSlots": sum(capacity.values()),
+        "pledgedSlots": pledged,
+        "minPricePerDay": format_money(min_price(prices)),
+        "replicas": {"desired": desired, "ready": ready},
+        "endpoint": names.upstream_url(name, ns, spec.runtime.port),
+        "conditions": conds,
+    }
+    if status.get("activatedAt"):
+        new_status["activatedAt"] = status["activatedAt"]
+    patch = {k: v for k, v in new_status.items() if status.get(k) != v}
+    lp = ledger_patch(old_ledger_raw, new_ledger_raw)
+    if lp:
+        patch["ledger"] = lp
+    if patch:
+        # The ledger write is conditional on what was read: a concurrent writer makes this
+        # raise Conflict and the queue re-plans from the fresh object.
+        await ctl.kube.patch_status("pools", ns, name, patch,
+                                    meta["resourceVersion"] if lp else None)
+        ctl.metrics.seats(ns, name, reserved, capacity)
+    if status.get("phase") != phase:
+        log.info("pool %s/%s: %s -> %s", ns, name, status.get("phase"), phase)
+        await events.post(ctl.kube, pool, "PhaseChanged", f"{status.get('phase')} -> {phase}")
+    touched = set(planned.admitted) | set(planned.released)
+    phase_changed = status.get("phase") != phase
+    for sub_key in ctl.world.sub_keys_of_pool(key):
+        sub = ctl.world.subs.get(sub_key) or {}
+        waiting = planned.waiting.get(sub_key[1])
+        if phase_changed or sub_key[1] in touched or (lp and _pending(sub)) or (
+                waiting and _reason(sub) != waiting):
+            ctl.subs.add(sub_key)
+    await ctl.gates.sync_open_keys(key, pool, phase)
+    return _next_wakeup(spec, planned.reserved(), now, phase)
+
+
+def _pending(sub: Obj) -> bool:
+    return (sub.get("status") or {}).get("phase") in (None, "pending")
+
+
+def _reason(sub: Obj) -> str | None:
+    cond = get_condition((sub.get("status") or {}).get("conditions"), "SeatsHeld")
+    return cond.get("reason") if cond else None
+
+
+def _next_wakeup(spec: PoolSpec, reserved: Mapping[Block, int], now: datetime,
+                 phase: str) -> float | None:
+    if phase not in ("activating", "active"):
+        return None
+    change = workload.next_scaling_change(spec, reserved, now)
+    if change is None:
+        return None
+    return max(0.5, (change - now).total_seconds())
+
+
+async def _apply_workload(ctl: Controller, pool: Obj, spec: PoolSpec, desired: int) -> Obj | None:
+    meta = pool["metadata"]
+    ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
+    secret_name = names.upstream_key_secret_name(name)
+    if await ctl.kube.get("secrets", ns, secret_name) is None:
+        await ctl.kube.ensure("secrets", keys.build_upstream_key_secret(
+            namespace=ns, pool=name, pool_uid=uid, api_key=keys.mint_key()),
+            compare=("metadata.labels",))
+    await ctl.kube.ensure("services", workload.build_service(name, ns, uid, spec))
+    body = workload.build_deployment(name, ns, uid, spec, desired, secret_name)
+    return await ctl.kube.ensure("deployments", body, group="apps/v1",
+                                 compare=("spec", "metadata.labels"))
+
+
+async def _workload_conditions(ctl: Controller, pool: Obj, spec: PoolSpec, phase: str,
+                               desired: int, dep: Obj | None, available: bool, ready: int,
+                               conds: list[Obj], gen: int | None, now: datetime) -> list[Obj]:
+    meta = pool["metadata"]
+    threshold = spec.activation_threshold
+    funded = phase in ("activating", "active") or bool(pool.get("status", {}).get("activatedAt"))
+    conds = set_condition(conds, "Funded", funded,
+                          "ThresholdReached" if funded else "Funding",
+                          f"activation threshold {threshold} seat-blocks", gen, now)
+    conds = set_condition(conds, "Paused", spec.paused, "Paused" if spec.paused else "NotPaused",
+                          "spec.paused is true" if spec.paused else "not paused", gen, now)
+    if desired == 0:
+        conds = set_condition(conds, "Available", phase == "active" and available,
+                              "ScaledToZero", f"no replicas wanted in phase {phase}", gen, now)
+        return set_condition(conds, "Progressing", False, "Idle", "nothing to roll out", gen, now)
+    if available:
+        conds = set_condition(conds, "Available", True, "MinimumReplicasAvailable",
+                              f"{ready}/{desired} replicas ready", gen, now)
+        return set_condition(conds, "Progressing", ready < desired, "ReplicasReady"
+                             if ready >= desired else "ScalingUp",
+                             f"{ready}/{desired} replicas ready", gen, now)
+    reason, message = "WaitingForReplicas", f"{ready}/{desired} replicas ready"
+    pods = await ctl.kube.list("pods", meta["namespace"],
+                               label_selector=",".join(f"{k}={v}" for k, v in
+                                                       workload.selector_labels(meta["name"])
+                                                       .items()))
+    for pod in pods:
+        sched = get_condition((pod.get("status") or {}).get("conditions"), "PodScheduled")
+        if sched and sched.get("status") == "False" and sched.get("reason") == "Unschedulable":
+            reason = "Unschedulable"
+            message = f"pod {pod['metadata']['name']}: {sched.get('message', '')}".strip()
+            break
+    conds = set_condition(conds, "Available", False, reason, message, gen, now)
+    return set_condition(conds, "Progressing", True, reason, message, gen, now)
+
+
+async def _write(ctl: Controller, pool: Obj, patch: Obj) -> None:
+    meta = pool["metadata"]
+    current = pool.get("status") or {}
+    if any(current.get(k) != v for k, v in patch.items()):
+        await ctl.kube.patch_status("pools", meta["namespace"], meta["name"], patch)

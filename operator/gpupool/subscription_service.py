@@ -1,0 +1,412 @@
+"""Reconcile one Subscription: accept it, follow its seats through pledge and activation, charge
+each step once, keep its key and gate right. Each pass starts from the object as stored."""
+
+from __future__ import annotations
+
+import calendar
+import logging
+from datetime import datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from gpupool import events, keys, ledger, names
+from gpupool.blocks import Block
+from gpupool.conditions import get_condition, iso, set_condition
+from gpupool.gate import gate_state, next_gate_change
+from gpupool.models import (
+    PoolSpec,
+    SubscriptionSpec,
+    describe_validation_error,
+    parse_pool_spec,
+    parse_subscription_spec,
+)
+from gpupool.pool_service import ACCEPTED
+from gpupool.pricing import cycle_amount, format_money, hour_slots, monthly_price, slot_count
+from gpupool.workqueue import RetryLater
+
+if TYPE_CHECKING:
+    from gpupool.controller import Controller
+
+log = logging.getLogger(__name__)
+Obj = dict[str, Any]
+
+HOLDING_PHASES = ("pledged", "pending_key", "active", "past_due")
+NO_PAYMENT_METHOD = "No payment method found — add a card first"
+PAYMENT_METHOD_RECHECK = 30.0
+
+
+def add_months(at: datetime, months: int) -> datetime:
+    month = at.month - 1 + months
+    year = at.year + month // 12
+    month = month % 12 + 1
+    day = min(at.day, calendar.monthrange(year, month)[1])
+    return at.replace(year=year, month=month, day=day)
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+class Pass:
+    """One reconcile of one Subscription: reads, decisions and the status it will write."""
+
+    def __init__(self, ctl: Controller, sub: Obj) -> None:
+        self.ctl = ctl
+        self.sub = sub
+        self.meta = sub["metadata"]
+        self.ns: str = self.meta["namespace"]
+        self.name: str = self.meta["name"]
+        self.gen = self.meta.get("generation")
+        self.old: Obj = dict(sub.get("status") or {})
+        self.status: Obj = dict(self.old)
+        self.status.setdefault("billing", {})
+        self.status["billing"] = dict(self.status["billing"])
+        self.now = ctl.clock()
+        self.again: float | None = None
+
+    # -- status helpers ------------------------------------------------------------------------
+    def cond(self, type_: str, ok: bool, reason: str, message: str) -> None:
+        self.status["conditions"] = set_condition(self.status.get("conditions"), type_, ok,
+                                                  reason, message, self.gen, self.now)
+
+    def wake(self, seconds: float) -> None:
+        self.again = seconds if self.again is None else min(self.again, seconds)
+
+    async def save(self) -> None:
+        self.status["observedGeneration"] = self.gen
+        patch = {k: v for k, v in self.status.items() if self.old.get(k) != v}
+        patch.update({k: None for k in self.old if k not in self.status})
+        if patch:
+            await self.ctl.kube.patch_status("subscriptions", self.ns, self.name, patch)
+        before, after = self.old.get("phase"), self.status.get("phase")
+        if before != after:
+            log.info("subscription %s/%s: %s -> %s", self.ns, self.name, before, after)
+            await events.post(self.ctl.kube, self.sub, "PhaseChanged", f"{before} -> {after}")
+            self.ctl.metrics.transition(after or "")
+
+    def set_pending(self, reason: str, message: str) -> None:
+        self.status["phase"] = "pending"
+        self.cond("SeatsHeld", False, reason, message)
+
+
+async def reconcile_subscription(ctl: Controller, key: tuple[str, str]) -> float | None:
+    sub = await ctl.kube.get_custom("subscriptions", *key)
+    if sub is None or sub["metadata"].get("deletionTimestamp"):
+        return None
+    p = Pass(ctl, sub)
+    try:
+        spec = parse_subscription_spec(sub.get("spec") or {})
+    except (ValidationError, ValueError) as exc:
+        p.set_pending("InvalidSpec", describe_validation_error(exc))
+        p.cond(ACCEPTED, False, "InvalidSpec", describe_validation_error(exc))
+        await p.save()
+        return None
+    if p.status.get("phase") == "canceled":
+        await _drop_key(p)
+        await p.save()
+        return None
+
+    pool_ns = spec.pool_ref.namespace or p.ns
+    if pool_ns != p.ns:
+        msg = (f"spec.poolRef.namespace: pool {pool_ns}/{spec.pool_ref.name} is in another "
+               f"namespace; subscriptions may only use pools in {p.ns}")
+        p.set_pending("PoolInOtherNamespace", msg)
+        p.cond(ACCEPTED, False, "PoolInOtherNamespace", msg)
+        await p.save()
+        return None
+    pool = await ctl.kube.get_custom("pools", p.ns, spec.pool_ref.name)
+    await _run(p, spec, pool)
+    await p.save()
+    return p.again
+
+
+async def _run(p: Pass, spec: SubscriptionSpec, pool: Obj | None) -> None:
+    blocks = spec.normalized_blocks()
+    p.status["blocks"] = [b.value for b in blocks]
+    p.status["billingCycle"] = spec.billing_cycle
+    holding = _holding(p, pool)
+
+    if pool is None:
+        await _lose_seats(p, "PoolNotFound", f"spec.poolRef.name: pool {spec.pool_ref.name} "
+                          f"does not exist in namespace {p.ns}")
+        return
+    try:
+        pool_spec = parse_pool_spec(pool.get("spec") or {})
+    except (ValidationError, ValueError):
+        await _lose_seats(p, "PoolInvalid", f"pool {spec.pool_ref.name} has an invalid spec; "
+                          "see its Ready condition")
+        return
+    _prices(p, spec, pool_spec, blocks, holding)
+    pool_phase = (pool.get("status") or {}).get("phase") or "draft"
+    activated = bool((pool.get("status") or {}).get("activatedAt"))
+
+    if holding is None:
+        await _not_holding(p, spec, pool_spec, pool, blocks)
+        return
+    p.cond("SeatsHeld", True, "SeatsHeld", f"{spec.quantity} seat(s) in "
+           f"{', '.join(b.value for b in blocks)}")
+    if not activated:
+        await _pledge_step(p, spec, pool_spec)
+        return
+    await _activation_step(p, spec, pool_spec, pool, pool_phase, blocks)
+
+
+def _holding(p: Pass, pool: Obj | None) -> ledger.Holding | None:
+    if pool is None:
+        return None
+    entry = ledger.parse_ledger((pool.get("status") or {}).get("ledger")).get(p.name)
+    if entry is None or entry[0] != p.meta.get("uid"):
+        return None
+    return entry[1]
+
+
+def _prices(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, blocks: tuple[Block, ...],
+            holding: ledger.Holding | None) -> None:
+    prices = pool_spec.prices()
+    if any(b not in prices for b in blocks):
+        return
+    monthly = monthly_price(prices, blocks, spec.quantity)
+    p.status["monthlyPrice"] = format_money(monthly)
+    p.status["amount"] = format_money(cycle_amount(monthly, spec.billing_cycle,
+                                                   pool_spec.annual_discount_decimal))
+    p.status["currency"] = pool_spec.currency
+    p.status["slotCount"] = slot_count(blocks, spec.quantity)
+    slots: list[dict[str, object]] = []
+    for block, seats in sorted((holding or {}).items(), key=lambda kv: kv[0].start_hour):
+        for seat in seats:
+            slots.extend(s.to_status() for s in hour_slots(block, seat, prices[block]))
+    slots.sort(key=lambda s: (int(str(s["hour"])), int(str(s["slotIndex"]))))
+    p.status["slots"] = slots
+
+
+async def _lose_seats(p: Pass, reason: str, message: str) -> None:
+    if p.status.get("phase") in HOLDING_PHASES:
+        await events.post(p.ctl.kube, p.sub, reason, message, "Warning")
+    p.set_pending(reason, message)
+    p.cond(ACCEPTED, False, reason, message)
+    p.status["slots"] = []
+    await _drop_key(p)
+
+
+async def _not_holding(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, pool: Obj,
+                       blocks: tuple[Block, ...]) -> None:
+    if spec.cancel_at_period_end:
+        await _cancel(p, "CanceledBeforeSeats", "canceled before it held seats")
+        return
+    if p.status.get("phase") in HOLDING_PHASES:
+        # It held seats and the ledger no longer says so (the pool was re-created, say).
+        await events.post(p.ctl.kube, p.sub, "SeatsLost", "the pool's ledger no longer lists "
+                          "this subscription; waiting for seats again", "Warning")
+        await _drop_key(p)
+    p.status["slots"] = []
+    if not pool_spec.published:
+        p.set_pending("PoolNotPublished", f"pool {spec.pool_ref.name} is not published (draft)")
+        return
+    if pool_spec.paused:
+        p.set_pending("PoolPaused", f"pool {spec.pool_ref.name} is paused")
+        return
+    capacity = pool_spec.capacity()
+    missing = [b.value for b in blocks if b not in capacity]
+    if missing:
+        msg = f"spec.blocks: pool {spec.pool_ref.name} does not sell {', '.join(missing)}"
+        p.set_pending("BlockNotOffered", msg)
+        p.cond(ACCEPTED, False, "BlockNotOffered", msg)
+        return
+    if not await _payment_method(p, spec):
+        return
+    was_accepted = get_condition(p.status.get("conditions"), ACCEPTED)
+    reserved = (pool.get("status") or {}).get("seats") or {}
+    full = [b.value for b in blocks
+            if capacity[b] - int((reserved.get(b.value) or {}).get("reserved", 0)) < spec.quantity]
+    if full and was_accepted and was_accepted.get("status") == "True":
+        p.set_pending("PoolFull", f"no {spec.quantity} free seat(s) in {', '.join(full)}; "
+                      "waiting in line (oldest first)")
+    else:
+        p.set_pending("Queued", "waiting for the pool to assign seats")
+    p.cond(ACCEPTED, True, "Accepted", "waiting for seats")
+
+
+async def _payment_method(p: Pass, spec: SubscriptionSpec) -> bool:
+    billing = p.ctl.billing
+    if not billing.enabled:
+        return True
+    if await billing.has_payment_method(spec.customer.id):
+        return True
+    p.set_pending("NoPaymentMethod", NO_PAYMENT_METHOD)
+    p.cond(ACCEPTED, False, "NoPaymentMethod", NO_PAYMENT_METHOD)
+    p.wake(PAYMENT_METHOD_RECHECK)
+    return False
+
+
+async def _cancel(p: Pass, reason: str, message: str) -> None:
+    p.status["phase"] = "canceled"
+    p.status["canceledAt"] = iso(p.now)
+    p.status["slots"] = []
+    p.cond(ACCEPTED, False, "Canceled", message)
+    p.cond("SeatsHeld", False, reason, message)
+    await _drop_key(p)
+
+
+async def _pledge_step(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec) -> None:
+    billing = p.status["billing"]
+    if spec.cancel_at_period_end:
+        await _cancel(p, "PledgeCanceled", "pledge canceled; seats freed, the reservation fee "
+                      "is not refunded")
+        return
+    if not billing.get("reservationCharged"):
+        outcome = await p.ctl.billing.charge_reservation(
+            p.meta["uid"], spec.customer.id, Decimal(pool_spec.reservation_fee),
+            pool_spec.currency, f"gpupool reservation fee: {p.ns}/{spec.pool_ref.name}")
+        if not outcome.ok:
+            p.cond("Charged", False, "ReservationDeclined", outcome.reason or "declined")
+            await _lose_seats(p, "ReservationDeclined", outcome.reason or "payment declined")
+            p.wake(300)
+            return
+        billing["reservationCharged"] = True
+        if outcome.id:
+            billing["reservationPaymentIntentId"] = outcome.id
+        billing["customerId"] = spec.customer.id
+    p.status["phase"] = "pledged"
+    p.cond("Charged", True, "ReservationFeePaid", "reservation fee charged; waiting for the "
+           "pool to activate")
+
+
+async def _activation_step(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, pool: Obj,
+                           pool_phase: str, blocks: tuple[Block, ...]) -> None:
+    billing = p.status["billing"]
+    ctl = p.ctl
+    if spec.cancel_at_period_end and not billing.get("subscriptionId") \
+            and p.status.get("phase") not in ("active", "past_due", "pending_key"):
+        await _cancel(p, "PledgeCanceled", "canceled before the first charge")
+        return
+    outcome = None
+    if ctl.billing.enabled and not billing.get("subscriptionId"):
+        outcome = await ctl.billing.ensure_subscription(
+            p.meta["uid"], spec.customer.id, f"{p.ns}/{spec.pool_ref.name}",
+            Decimal(p.status["amount"]), pool_spec.currency, spec.billing_cycle,
+            f"gpupool {spec.pool_ref.name}: {spec.quantity} seat(s) in "
+            f"{', '.join(b.value for b in blocks)}")
+        if outcome.id:
+            billing["subscriptionId"] = outcome.id
+            billing["customerId"] = spec.customer.id
+    elif ctl.billing.enabled:
+        outcome = await ctl.billing.fetch_subscription(billing["subscriptionId"])
+    if outcome is not None:
+        billing["status"] = outcome.status
+        if outcome.current_period_end:
+            p.status["currentPeriodEnd"] = iso(outcome.current_period_end)
+    else:
+        _rolling_period(p, spec, pool)
+
+    stripe_status = billing.get("status") or "active"
+    if stripe_status in ("canceled", "incomplete_expired"):
+        await _cancel(p, "StripeCanceled", "the Stripe subscription ended")
+        return
+    if spec.cancel_at_period_end:
+        await _schedule_cancel(p, billing)
+        if p.status.get("phase") == "canceled":
+            return
+    if stripe_status not in ("active", "trialing"):
+        reason = (outcome.reason if outcome and outcome.reason else
+                  f"payment failed (Stripe status {stripe_status})")
+        p.status["phase"] = "past_due"
+        p.cond("Charged", False, "PaymentFailed", reason)
+        await _ensure_key(p, spec, pool_spec, pool_phase, blocks, mint=False)
+        return
+    p.cond("Charged", True, "Paid", f"{p.status.get('amount')} {pool_spec.currency} per "
+           f"{spec.billing_cycle}")
+    approved = p.meta.get("annotations", {}).get(names.ANNOTATION_APPROVED) == "true"
+    if pool_spec.manual_provisioning and not approved and not p.status.get("keySecretName"):
+        p.status["phase"] = "pending_key"
+        p.cond("KeyIssued", False, "AwaitingApproval", "manual provisioning: annotate "
+               f"{names.ANNOTATION_APPROVED}=true to issue the key")
+        return
+    p.status["phase"] = "active"
+    await _ensure_key(p, spec, pool_spec, pool_phase, blocks, mint=True)
+
+
+def _rolling_period(p: Pass, spec: SubscriptionSpec, pool: Obj) -> None:
+    """Billing off: periods run from activation and renew until canceled."""
+    start = parse_time(p.status.get("currentPeriodEnd"))
+    if start is None:
+        start = add_months(p.now, 12 if spec.billing_cycle == "year" else 1)
+    while start <= p.now and not spec.cancel_at_period_end:
+        start = add_months(start, 12 if spec.billing_cycle == "year" else 1)
+    p.status["currentPeriodEnd"] = iso(start)
+
+
+async def _schedule_cancel(p: Pass, billing: Obj) -> None:
+    if p.ctl.billing.enabled and billing.get("subscriptionId") \
+            and not billing.get("cancelAtPeriodEnd"):
+        await p.ctl.billing.set_cancel_at_period_end(billing["subscriptionId"], True)
+        billing["cancelAtPeriodEnd"] = True
+    end = parse_time(p.status.get("currentPeriodEnd"))
+    if end is None or end <= p.now:
+        await _cancel(p, "PeriodEnded", "canceled at the end of the paid period; no refund")
+        return
+    p.cond("CancelScheduled", True, "CancelAtPeriodEnd",
+           f"the key works until {iso(end)}, then the subscription ends")
+    p.wake((end - p.now).total_seconds() + 0.5)
+
+
+async def _ensure_key(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, pool_phase: str,
+                      blocks: tuple[Block, ...], *, mint: bool) -> None:
+    ctl = p.ctl
+    secret_name = names.key_secret_name(p.name)
+    current = await ctl.kube.get("secrets", p.ns, secret_name)
+    if current is None and not mint:
+        p.status["gate"] = "closed"
+        return
+    existing = keys.decode((current or {}).get("data"))
+    rotation = p.meta.get("annotations", {}).get(names.ANNOTATION_ROTATE, "")
+    rotated = current is not None and existing.get("rotation", "") != rotation
+    api_key = existing.get("apiKey") if current is not None and not rotated else None
+    generation = int(existing.get("keyGeneration", "0")) + (1 if rotated else 0)
+    if api_key is None:
+        api_key = keys.mint_key()
+        await events.post(ctl.kube, p.sub, "KeyRotated" if rotated else "KeyIssued",
+                          f"API key issued in Secret {secret_name}")
+    kid = keys.key_id(p.meta["uid"], generation)
+    phase = p.status["phase"]
+    gate = gate_state(phase, pool_phase, blocks, p.now)
+    data = keys.key_secret_data(
+        api_key=api_key, kid=kid, pool=spec.pool_ref.name, subscription=p.name,
+        customer_id=spec.customer.id, blocks=blocks, limits=pool_spec.limits,
+        upstream=names.upstream_url(spec.pool_ref.name, p.ns, pool_spec.runtime.port),
+        served_model_name=pool_spec.model.id, sub_phase=phase, pool_phase=pool_phase)
+    data["rotation"] = rotation
+    data["keyGeneration"] = str(generation)
+    await ctl.kube.ensure("secrets", keys.build_key_secret(
+        namespace=p.ns, subscription=p.name, subscription_uid=p.meta["uid"],
+        pool=spec.pool_ref.name, gate=gate, data=data), compare=("data", "metadata.labels"))
+    p.status["keySecretName"] = secret_name
+    p.status["keyId"] = kid
+    p.cond("KeyIssued", True, "KeyIssued", f"Secret {secret_name}")
+    await ctl.gates.record_gate(p, gate, phase, pool_phase, blocks)
+
+
+async def _drop_key(p: Pass) -> None:
+    secret_name = p.status.get("keySecretName") or names.key_secret_name(p.name)
+    if await p.ctl.kube.get("secrets", p.ns, secret_name) is not None:
+        await p.ctl.kube.delete("secrets", p.ns, secret_name)
+        await events.post(p.ctl.kube, p.sub, "KeyRevoked", f"Secret {secret_name} deleted")
+    p.status.pop("keySecretName", None)
+    p.status.pop("keyId", None)
+    p.status["gate"] = "closed"
+    p.status.pop("nextGateChangeAt", None)
+
+
+def gate_fields(gate: str, sub_phase: str, pool_phase: str, blocks: tuple[Block, ...],
+                now: datetime, old: Obj) -> Obj:
+    """The status fields describing the gate; gateChangedAt moves only when the gate does."""
+    nxt = next_gate_change(sub_phase, pool_phase, blocks, now)
+    out: Obj = {"gate": gate, "nextGateChangeAt": iso(nxt) if nxt else None}
+    out["gateChangedAt"] = iso(now) if old.get("gate") != gate else old.get("gateChangedAt")
+    return out
+
+
+__all__ = ["RetryLater", "gate_fields", "reconcile_subscription"]
