@@ -113,7 +113,8 @@ async def reconcile_pool(ctl: Controller, key: tuple[str, str]) -> float | None:
     new_ledger_raw = ledger.dump_ledger(planned.ledger)
     pledged = planned.pledged_slots()
 
-    activated = bool(status.get("activatedAt"))
+    activated_at = status.get("activatedAt")
+    activated = bool(activated_at)
     provisional = decide_phase(spec, activated, pledged, available=False)
     desired = 0 if bad_args else workload.desired_replicas(
         spec, planned.reserved(), now, provisional)
@@ -121,7 +122,7 @@ async def reconcile_pool(ctl: Controller, key: tuple[str, str]) -> float | None:
     available, ready = deployment_ready(dep, desired)
     phase = decide_phase(spec, activated, pledged, available)
     if phase == "active" and not activated:
-        status["activatedAt"] = iso(now)
+        activated_at = iso(now)
         await events.post(ctl.kube, pool, "Activated", "the pool's workload is Available")
 
     conds = await _workload_conditions(ctl, pool, spec, phase, desired, dep, available, ready,
@@ -142,8 +143,8 @@ async def reconcile_pool(ctl: Controller, key: tuple[str, str]) -> float | None:
         "endpoint": names.upstream_url(name, ns, spec.runtime.port),
         "conditions": conds,
     }
-    if status.get("activatedAt"):
-        new_status["activatedAt"] = status["activatedAt"]
+    if activated_at:
+        new_status["activatedAt"] = activated_at
     patch = {k: v for k, v in new_status.items() if status.get(k) != v}
     lp = ledger_patch(old_ledger_raw, new_ledger_raw)
     if lp:
@@ -207,7 +208,8 @@ async def _workload_conditions(ctl: Controller, pool: Obj, spec: PoolSpec, phase
                                conds: list[Obj], gen: int | None, now: datetime) -> list[Obj]:
     meta = pool["metadata"]
     threshold = spec.activation_threshold
-    funded = phase in ("activating", "active") or bool(pool.get("status", {}).get("activatedAt"))
+    funded = phase in ("activating", "active") or bool((pool.get("status") or {}).get(
+        "activatedAt"))
     conds = set_condition(conds, "Funded", funded,
                           "ThresholdReached" if funded else "Funding",
                           f"activation threshold {threshold} seat-blocks", gen, now)
