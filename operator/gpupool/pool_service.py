@@ -10,9 +10,14 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from gpupool import events, keys, ledger, names, workload
-from gpupool.blocks import BLOCK_ORDER, Block
+from gpupool.blocks import BLOCK_ORDER, Block, normalize_blocks
 from gpupool.conditions import get_condition, iso, set_condition
-from gpupool.models import PoolSpec, describe_validation_error, parse_pool_spec
+from gpupool.models import (
+    PoolSpec,
+    describe_validation_error,
+    parse_pool_spec,
+    parse_subscription_spec,
+)
 from gpupool.pricing import format_money, min_price
 
 if TYPE_CHECKING:
@@ -30,11 +35,15 @@ def claim_of(sub: Obj) -> ledger.Claim | None:
     spec = sub.get("spec") or {}
     status = sub.get("status") or {}
     try:
-        from gpupool.models import parse_subscription_spec
         parsed = parse_subscription_spec(spec)
     except (ValidationError, ValueError):
         return None
     accepted = get_condition(status.get("conditions"), ACCEPTED)
+    blocks, quantity = parsed.normalized_blocks(), parsed.quantity
+    if status.get("pool") and status.get("heldBlocks"):
+        # Seats are sold as bought: once held, the held blocks and quantity are the claim.
+        blocks = normalize_blocks(status["heldBlocks"])
+        quantity = int(status.get("heldQuantity") or quantity)
     eligible = (
         not meta.get("deletionTimestamp")
         and status.get("phase") != "canceled"
@@ -42,7 +51,7 @@ def claim_of(sub: Obj) -> ledger.Claim | None:
     )
     return ledger.Claim(name=meta["name"], uid=meta.get("uid", ""),
                         created=meta.get("creationTimestamp", ""),
-                        blocks=parsed.normalized_blocks(), quantity=parsed.quantity,
+                        blocks=blocks, quantity=quantity,
                         eligible=eligible)
 
 

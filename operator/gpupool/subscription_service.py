@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from gpupool import events, keys, ledger, names
-from gpupool.blocks import Block
+from gpupool.blocks import Block, normalize_blocks
 from gpupool.conditions import get_condition, iso, set_condition
 from gpupool.gate import gate_state, next_gate_change
 from gpupool.models import (
@@ -110,7 +110,8 @@ async def reconcile_subscription(ctl: Controller, key: tuple[str, str]) -> float
         await p.save()
         return None
 
-    pool_ns = spec.pool_ref.namespace or p.ns
+    pinned = p.status.get("pool")
+    pool_ns = p.ns if pinned else (spec.pool_ref.namespace or p.ns)
     if pool_ns != p.ns:
         msg = (f"spec.poolRef.namespace: pool {pool_ns}/{spec.pool_ref.name} is in another "
                f"namespace; subscriptions may only use pools in {p.ns}")
@@ -118,10 +119,40 @@ async def reconcile_subscription(ctl: Controller, key: tuple[str, str]) -> float
         p.cond(ACCEPTED, False, "PoolInOtherNamespace", msg)
         await p.save()
         return None
-    pool = await ctl.kube.get_custom("pools", p.ns, spec.pool_ref.name)
+    pool_name = pinned or spec.pool_ref.name
+    spec = _held_terms(p, spec)
+    pool = await ctl.kube.get_custom("pools", p.ns, pool_name)
     await _run(p, spec, pool)
     await p.save()
     return p.again
+
+
+def _held_terms(p: Pass, spec: SubscriptionSpec) -> SubscriptionSpec:
+    """Once seats are held, the pool, blocks and quantity they were bought with stay in force;
+    a spec that tries to change them gets a condition saying so."""
+    pool, held_blocks = p.status.get("pool"), p.status.get("heldBlocks")
+    if not pool or not held_blocks:
+        p.status["conditions"] = [c for c in p.status.get("conditions") or []
+                                  if c.get("type") != "SpecLocked"]
+        return spec
+    held_qty = int(p.status.get("heldQuantity") or spec.quantity)
+    changed = []
+    if spec.pool_ref.name != pool or (spec.pool_ref.namespace or p.ns) != p.ns:
+        changed.append(f"spec.poolRef (held in pool {pool})")
+    if set(spec.normalized_blocks()) != set(normalize_blocks(held_blocks)):
+        changed.append(f"spec.blocks (held: {', '.join(held_blocks)})")
+    if spec.quantity != held_qty:
+        changed.append(f"spec.quantity (held: {held_qty})")
+    if changed:
+        p.cond("SpecLocked", False, "ImmutableAfterSeatsHeld",
+               f"{'; '.join(changed)} cannot change once seats are held; the held terms stay "
+               "in force. Cancel and subscribe again to change them.")
+    else:
+        p.status["conditions"] = [c for c in p.status.get("conditions") or []
+                                  if c.get("type") != "SpecLocked"]
+    return spec.model_copy(update={
+        "pool_ref": spec.pool_ref.model_copy(update={"name": pool, "namespace": None}),
+        "blocks": list(held_blocks), "quantity": held_qty})
 
 
 async def _run(p: Pass, spec: SubscriptionSpec, pool: Obj | None) -> None:
@@ -149,6 +180,9 @@ async def _run(p: Pass, spec: SubscriptionSpec, pool: Obj | None) -> None:
         return
     p.cond("SeatsHeld", True, "SeatsHeld", f"{spec.quantity} seat(s) in "
            f"{', '.join(b.value for b in blocks)}")
+    p.status["pool"] = spec.pool_ref.name
+    p.status["heldBlocks"] = [b.value for b in blocks]
+    p.status["heldQuantity"] = spec.quantity
     if not activated:
         await _pledge_step(p, spec, pool_spec)
         return
@@ -183,7 +217,13 @@ def _prices(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, blocks: tuple[
     p.status["slots"] = slots
 
 
+def _unpin(p: Pass) -> None:
+    for field in ("pool", "heldBlocks", "heldQuantity"):
+        p.status.pop(field, None)
+
+
 async def _lose_seats(p: Pass, reason: str, message: str) -> None:
+    _unpin(p)
     if p.status.get("phase") in HOLDING_PHASES:
         await events.post(p.ctl.kube, p.sub, reason, message, "Warning")
     p.set_pending(reason, message)
@@ -197,6 +237,7 @@ async def _not_holding(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, poo
     if spec.cancel_at_period_end:
         await _cancel(p, "CanceledBeforeSeats", "canceled before it held seats")
         return
+    _unpin(p)
     if p.status.get("phase") in HOLDING_PHASES:
         # It held seats and the ledger no longer says so (the pool was re-created, say).
         await events.post(p.ctl.kube, p.sub, "SeatsLost", "the pool's ledger no longer lists "
@@ -243,6 +284,7 @@ async def _payment_method(p: Pass, spec: SubscriptionSpec) -> bool:
 
 
 async def _cancel(p: Pass, reason: str, message: str) -> None:
+    _unpin(p)
     p.status["phase"] = "canceled"
     p.status["canceledAt"] = iso(p.now)
     p.status["slots"] = []

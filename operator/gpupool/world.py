@@ -20,8 +20,13 @@ def key_of(body: Mapping[str, Any]) -> Key:
 
 
 def pool_ref_of(sub: Mapping[str, Any]) -> Key:
-    ref = (sub.get("spec") or {}).get("poolRef") or {}
+    """The pool a subscription belongs to: the one it holds seats in (``status.pool``, pinned
+    when seats were first held), else the one its spec names."""
     ns = sub.get("metadata", {}).get("namespace", "")
+    pinned = (sub.get("status") or {}).get("pool")
+    if pinned:
+        return (ns, pinned)
+    ref = (sub.get("spec") or {}).get("poolRef") or {}
     return (ref.get("namespace") or ns, ref.get("name", ""))
 
 
