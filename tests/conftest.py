@@ -1,0 +1,10 @@
+"""Shared pytest setup. Fixtures live in ``tests/support/*_fixtures.py``; list new ones here.
+
+``tests/`` is on sys.path (rootdir conftest, no ``__init__.py``), so helpers import as
+``support.…``.
+"""
+
+pytest_plugins = [
+    "support.cluster_fixtures",
+    "support.operator_fixtures",
+]
