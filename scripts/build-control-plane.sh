@@ -9,10 +9,24 @@ BIN="$CACHE/k8s/bin"
 WANT=(kube-apiserver kube-controller-manager kube-scheduler)
 
 have_all() {
+  [ -f "$BIN/.ok" ] || return 1   # written last, after every binary is in place
   for b in "${WANT[@]}"; do [ -x "$BIN/$b" ] || return 1; done
   command -v etcd >/dev/null
 }
 
+if have_all; then
+  echo "control plane: cached in $BIN"
+  exit 0
+fi
+
+# One build at a time (setup.sh, a demo and a test run may all call this): wait for a running
+# one, then re-check the cache.
+mkdir -p "$CACHE/k8s"
+exec 9>"$CACHE/k8s/.build.lock"
+if ! flock -n 9; then
+  echo "control plane: another build is running; waiting for it"
+  flock 9
+fi
 if have_all; then
   echo "control plane: cached in $BIN"
   exit 0
@@ -62,6 +76,10 @@ export GOPATH="$GOPATH_DIR" GO111MODULE=off CGO_ENABLED=0 GOFLAGS=-mod=vendor GO
 unset GOFLAGS
 make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kube-scheduler" >"$CACHE/k8s/build.log" 2>&1 || {
   tail -n 40 "$CACHE/k8s/build.log"; exit 1; }
-for b in "${WANT[@]}"; do cp "_output/local/bin/linux/amd64/$b" "$BIN/$b"; done
+rm -f "$BIN/.ok"
+for b in "${WANT[@]}"; do
+  cp "_output/local/bin/linux/amd64/$b" "$BIN/.$b.tmp"
+  mv -f "$BIN/.$b.tmp" "$BIN/$b"   # never a half-copied binary under the real name
+done
 touch "$BIN/.ok"
 echo "control plane: built into $BIN"

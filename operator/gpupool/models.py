@@ -9,7 +9,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from gpupool.blocks import BLOCK_ORDER, Block, normalize_blocks
@@ -44,9 +44,18 @@ class BlockOffer(Model):
 
 
 class BlockOffers(Model):
+    # The CRD's minProperties: 1. A pool selling no block has no lowest price (min_price fails).
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
+
     asia: BlockOffer | None = None
     europe: BlockOffer | None = None
     americas: BlockOffer | None = None
+
+    @model_validator(mode="after")
+    def _sells_a_block(self) -> BlockOffers:
+        if not self.offered():
+            raise ValueError("at least one block must be offered")
+        return self
 
     def offered(self) -> dict[Block, BlockOffer]:
         return {b: o for b in BLOCK_ORDER if (o := getattr(self, b.value)) is not None}

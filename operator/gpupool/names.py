@@ -62,7 +62,8 @@ def service_name(pool: str) -> str:
 
 
 def upstream_key_secret_name(pool: str) -> str:
-    return _bounded(pool, "upstream-key")
+    # Must not end in "-key": Subscription "<pool>-upstream" has key Secret "<pool>-upstream-key".
+    return _bounded(pool, "upstream")
 
 
 def open_keys_secret_name(pool: str) -> str:

@@ -41,7 +41,7 @@ def make_namespace(api_client: client.ApiClient, prefix: str = "t") -> str:
 
 
 @pytest.fixture
-def own_namespace(kube: client.ApiClient) -> Iterator[str]:
+def own_namespace(kube: client.ApiClient, crds: Path) -> Iterator[str]:
     """A namespace the shared operator ignores, for a test that runs an operator of its own."""
     name = make_namespace(kube, "x")
     yield name
