@@ -102,6 +102,7 @@ async def reconcile_pool(ctl: Controller, key: tuple[str, str]) -> float | None:
     try:
         spec = parse_pool_spec(pool.get("spec") or {})
         bad_args = workload.check_extra_args(spec.runtime.extra_args)
+        bad_env = workload.check_env(spec.runtime.env)
     except (ValidationError, ValueError) as exc:
         conds = set_condition(conds, "Ready", False, "InvalidSpec",
                               describe_validation_error(exc), gen, now)
@@ -111,6 +112,11 @@ async def reconcile_pool(ctl: Controller, key: tuple[str, str]) -> float | None:
         conds = set_condition(
             conds, "Ready", False, "OwnedArgs",
             f"spec.runtime.extraArgs: {', '.join(bad_args)} are set by the operator; remove them",
+            gen, now)
+    elif bad_env:
+        conds = set_condition(
+            conds, "Ready", False, "OwnedEnv",
+            f"spec.runtime.env: {', '.join(bad_env)} are set by the operator; remove them",
             gen, now)
     else:
         conds = set_condition(conds, "Ready", True, "SpecValid", "spec accepted", gen, now)
@@ -125,9 +131,14 @@ async def reconcile_pool(ctl: Controller, key: tuple[str, str]) -> float | None:
     activated_at = status.get("activatedAt")
     activated = bool(activated_at)
     provisional = decide_phase(spec, activated, pledged, available=False)
-    desired = 0 if bad_args else workload.desired_replicas(
-        spec, planned.reserved(), now, provisional)
-    dep = await _apply_workload(ctl, pool, spec, desired)
+    desired = workload.desired_replicas(spec, planned.reserved(), now, provisional)
+    if bad_args or bad_env:
+        # A spec the operator refuses does not reach the running workload: it keeps serving as
+        # it was until the spec is fixed.
+        dep = await ctl.kube.get("deployments", ns, names.deployment_name(name), group="apps/v1")
+        desired = int(((dep or {}).get("spec") or {}).get("replicas") or 0)
+    else:
+        dep = await _apply_workload(ctl, pool, spec, desired)
     available, ready = deployment_ready(dep, desired)
     phase = decide_phase(spec, activated, pledged, available)
     if phase == "active" and not activated:
