@@ -72,12 +72,18 @@ class Controller:
         self._tasks.append(asyncio.create_task(self.gates.run(), name="boundaries"))
         self._tasks.append(asyncio.create_task(self._resync(), name="resync"))
 
+    def spawn(self, coro: Any, name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for q in (self.pools, self.subs, self.open_keys):
             await q.stop()
+        close = getattr(self.billing, "close", None)
+        if close is not None:
+            await close()
         await self.kube.close()
 
     async def _resync(self) -> None:

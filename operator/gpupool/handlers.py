@@ -51,6 +51,12 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         ctl.metrics.serve(port)
     memo.ctl = ctl
     ctl.start()
+    webhook_port = int(os.environ.get("GPUPOOL_WEBHOOK_PORT", "8081"))
+    if ctl.billing.enabled and webhook_port:
+        from gpupool.billing import BillingConfig
+        from gpupool.webhook_server import serve
+
+        ctl.spawn(serve(ctl, BillingConfig.from_env(), webhook_port), "stripe-webhooks")
 
 
 @kopf.on.cleanup()

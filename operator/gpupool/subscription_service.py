@@ -338,9 +338,15 @@ async def _activation_step(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec,
     elif ctl.billing.enabled:
         outcome = await ctl.billing.fetch_subscription(billing["subscriptionId"])
     if outcome is not None:
-        billing["status"] = outcome.status
+        if outcome.status:
+            billing["status"] = outcome.status
+        elif not outcome.ok:
+            billing["status"] = "unpaid"
         if outcome.current_period_end:
             p.status["currentPeriodEnd"] = iso(outcome.current_period_end)
+        if not outcome.ok:
+            p.cond("Charged", False, "PaymentFailed", outcome.reason or "payment failed")
+            p.wake(300)
     else:
         _rolling_period(p, spec, pool)
 
@@ -357,6 +363,8 @@ async def _activation_step(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec,
                   f"payment failed (Stripe status {stripe_status})")
         p.status["phase"] = "past_due"
         p.cond("Charged", False, "PaymentFailed", reason)
+        if not billing.get("subscriptionId"):
+            return
         await _ensure_key(p, spec, pool_spec, pool_phase, blocks, mint=False)
         return
     p.cond("Charged", True, "Paid", f"{p.status.get('amount')} {pool_spec.currency} per "
