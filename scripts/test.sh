@@ -14,7 +14,7 @@ echo "setup: $(( $(date +%s) - t0 ))s"
 export GPUPOOL_REQUIRE_CLUSTER=1 GPUPOOL_REQUIRE_VLLM=1 GPUPOOL_REQUIRE_STRIPE=1
 export GPUPOOL_TEST_LOGS="${GPUPOOL_TEST_LOGS:-$(mktemp -d /tmp/gpupool-test-logs.XXXXXX)}"
 
-.venv/bin/ruff check operator tests benchmarks scripts
+.venv/bin/ruff check .
 .venv/bin/mypy
 .venv/bin/pytest -p no:cacheprovider -ra "${@:-tests}"
 echo "tests: $(( $(date +%s) - t0 ))s in all"

@@ -80,8 +80,19 @@ def decide_phase(spec: PoolSpec, activated: bool, pledged: int, available: bool)
 
 
 def ledger_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge-patch turning ledger ``old`` into ``new`` (null removes an entry)."""
-    patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
+    """Merge-patch turning ledger ``old`` into ``new`` (null removes an entry).
+
+    Recursive: a merge-patch merges nested objects, so a changed entry must null the blocks
+    it no longer holds rather than just restate the new ones."""
+    patch: dict[str, Any] = {}
+    for k, v in new.items():
+        was = old.get(k)
+        if was == v:
+            continue
+        if isinstance(was, Mapping) and isinstance(v, Mapping):
+            patch[k] = ledger_patch(was, v)
+        else:
+            patch[k] = v
     patch.update({k: None for k in old if k not in new})
     return patch
 

@@ -63,8 +63,8 @@ def _assert_after(objs: Objects, clock: ShiftedClock, deadline_after: float = 2.
         return (_gate(objs, "ending") == "closed" and _gate(objs, "starting") == "open"
                 and _gate(objs, "allday") == "open"
                 and _open_key_ids(objs, "gated") == {ids["starting"], ids["allday"]}
-                and (objs.secret_labels(f"starting-key") or {}).get("gpupool.dev/gate") == "open"
-                and (objs.secret_labels(f"ending-key") or {}).get("gpupool.dev/gate") == "closed")
+                and (objs.secret_labels("starting-key") or {}).get("gpupool.dev/gate") == "open"
+                and (objs.secret_labels("ending-key") or {}).get("gpupool.dev/gate") == "closed")
 
     wait_for(flipped, timeout=clock.seconds_to_boundary() + deadline_after + 1.0, interval=0.1,
              message="keys flipped at the boundary")
@@ -82,7 +82,7 @@ def shifted(cluster: Any, kube: client.ApiClient, own_namespace: str) -> Any:
 
 
 def test_keys_flip_within_two_seconds_of_the_boundary(shifted: Any) -> None:
-    clock, op, objs = shifted
+    clock, _op, objs = shifted
     _setup(objs, clock)
     _assert_before(objs, clock)
     late = _assert_after(objs, clock)

@@ -73,7 +73,8 @@ def test_sixty_concurrent_subscriptions_never_oversell(objs: Objects) -> None:
 
     # Freeing a seat lets the oldest pending subscription of that block in, and only it.
     pending_europe = sorted(
-        (s for s in subs if s["status"]["phase"] == "pending" and s["spec"]["blocks"] == ["europe"]),
+        (s for s in subs
+         if s["status"]["phase"] == "pending" and s["spec"]["blocks"] == ["europe"]),
         key=lambda s: (s["metadata"]["creationTimestamp"], s["metadata"]["name"]))
     oldest = pending_europe[0]["metadata"]["name"]
     objs.delete("subscriptions", holders["europe"][0])

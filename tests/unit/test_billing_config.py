@@ -19,7 +19,8 @@ def test_off_without_a_key() -> None:
 
 
 def test_from_env() -> None:
-    config = BillingConfig.from_env({"GPUPOOL_STRIPE_API_KEY": KEY, "GPUPOOL_STRIPE_WEBHOOK_SECRET": WHSEC,
+    config = BillingConfig.from_env({"GPUPOOL_STRIPE_API_KEY": KEY,
+                                     "GPUPOOL_STRIPE_WEBHOOK_SECRET": WHSEC,
                                      "GPUPOOL_STRIPE_API_BASE": "http://127.0.0.1:8420"})
     assert config.enabled and config.webhooks_enabled
     assert (config.api_key, config.webhook_secret, config.api_base) == \
