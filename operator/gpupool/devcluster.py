@@ -1376,7 +1376,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # keep nohup's ignored SIGHUP
+            signal.signal(sig, on_signal)
     old: tuple[int, str] | None = _read_up_pid(up_pid)
     if old is not None and old[0] != os.getpid():
         print(f"devcluster: stopping the earlier 'up' (pid {old[0]})", file=sys.stderr)
