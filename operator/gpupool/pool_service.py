@@ -176,7 +176,15 @@ async def reconcile_pool(ctl: Controller, key: tuple[str, str]) -> float | None:
     }
     if activated_at:
         new_status["activatedAt"] = activated_at
-    patch = {k: v for k, v in new_status.items() if status.get(k) != v}
+    patch: Obj = {}
+    for k, v in new_status.items():
+        was = status.get(k)
+        if was != v:
+            # Nested maps are merged by a merge-patch: send what changed, null what is gone.
+            if isinstance(was, Mapping) and isinstance(v, Mapping):
+                patch[k] = ledger_patch(was, v)
+            else:
+                patch[k] = v
     lp = ledger_patch(old_ledger_raw, new_ledger_raw)
     if lp:
         patch["ledger"] = lp
