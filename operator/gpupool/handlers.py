@@ -75,8 +75,11 @@ async def pool_event(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
         for sub_key in ctl.world.sub_keys_of_pool(key):
             ctl.subs.add(sub_key)
         return
+    old_phase = ((ctl.world.pools.get(key) or {}).get("status") or {}).get("phase")
     ctl.world.pools[key] = dict(body)
     ctl.pools.add(key)
+    if old_phase != (body.get("status") or {}).get("phase"):
+        ctl.open_keys.add(key)
 
 
 @kopf.on.event(GROUP, VERSION, "subscriptions")
@@ -92,6 +95,10 @@ async def subscription_event(type: str, body: kopf.Body, memo: Any,
         return
     ctl.world.put_sub(new)
     ctl.subs.add(key)
+    old_st, new_st = (old or {}).get("status") or {}, new.get("status") or {}
+    if old is None or any(old_st.get(f) != new_st.get(f) for f in ("phase", "gate", "keyId")):
+        # The open-keys Secret is built from this view; rebuild it now that the view has moved.
+        ctl.open_keys.add(pool_ref_of(new))
     if old is None or claim_of(old) != claim_of(new) or pool_ref_of(old) != pool_ref_of(new):
         ctl.pools.add(pool_ref_of(new))
         if old is not None and pool_ref_of(old) != pool_ref_of(new):
