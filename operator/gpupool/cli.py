@@ -21,12 +21,15 @@ def _operator(argv: list[str]) -> int:
 
     import gpupool.handlers  # noqa: F401 - registers the handlers
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Only gpupool's own loggers ever go to DEBUG: the API client logs response bodies there
+    # (Secret data included), and kopf logs whole object bodies.
+    logging.getLogger("gpupool").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("kubernetes_asyncio").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    if not args.verbose:
-        # kopf logs every watch-handler call at INFO; the operator logs its own decisions.
-        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    # kopf logs every watch-handler call at INFO; the operator logs its own decisions.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     kopf.run(standalone=True, clusterwide=not args.namespace, namespaces=list(args.namespace),
              liveness_endpoint=args.liveness)
     return 0

@@ -205,7 +205,7 @@ async def reconcile_pool(ctl: Controller, key: tuple[str, str]) -> float | None:
         if phase_changed or sub_key[1] in touched or (lp and _pending(sub)) or (
                 waiting and _reason(sub) != waiting):
             ctl.subs.add(sub_key)
-    await ctl.gates.sync_open_keys(key, pool, phase)
+    ctl.open_keys.add(key)
     return _next_wakeup(spec, planned.reserved(), now, phase)
 
 
@@ -238,8 +238,14 @@ async def _apply_workload(ctl: Controller, pool: Obj, spec: PoolSpec, desired: i
             compare=("metadata.labels",))
     await ctl.kube.ensure("services", workload.build_service(name, ns, uid, spec))
     body = workload.build_deployment(name, ns, uid, spec, desired, secret_name)
+    # ensure() merge-patches, which keeps whatever the patch does not mention: a field taken out
+    # of the Pool (node selector, tolerations, ...) must be sent as null to leave the pods.
+    pod_spec = body["spec"]["template"]["spec"]
+    for field in workload.OPTIONAL_POD_SPEC_FIELDS:
+        pod_spec.setdefault(field, None)
+    # The Deployment's spec-hash annotation must follow its template, so it is compared too.
     return await ctl.kube.ensure("deployments", body, group="apps/v1",
-                                 compare=("spec", "metadata.labels"))
+                                 compare=("spec", "metadata.labels", "metadata.annotations"))
 
 
 async def _workload_conditions(ctl: Controller, pool: Obj, spec: PoolSpec, phase: str,

@@ -186,6 +186,9 @@ async def _run(p: Pass, spec: SubscriptionSpec, pool: Obj | None) -> None:
     if not activated:
         await _pledge_step(p, spec, pool_spec)
         return
+    if not spec.cancel_at_period_end and _pledged_before_activation(p, pool) \
+            and not await _charge_reservation(p, spec, pool_spec):
+        return
     await _activation_step(p, spec, pool_spec, pool, pool_phase, blocks)
 
 
@@ -294,27 +297,57 @@ async def _cancel(p: Pass, reason: str, message: str) -> None:
 
 
 async def _pledge_step(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec) -> None:
-    billing = p.status["billing"]
     if spec.cancel_at_period_end:
         await _cancel(p, "PledgeCanceled", "pledge canceled; seats freed, the reservation fee "
                       "is not refunded")
         return
-    if not billing.get("reservationCharged"):
-        outcome = await p.ctl.billing.charge_reservation(
-            p.meta["uid"], spec.customer.id, Decimal(pool_spec.reservation_fee),
-            pool_spec.currency, f"gpupool reservation fee: {p.ns}/{spec.pool_ref.name}")
-        if not outcome.ok:
-            p.cond("Charged", False, "ReservationDeclined", outcome.reason or "declined")
-            await _lose_seats(p, "ReservationDeclined", outcome.reason or "payment declined")
-            p.wake(300)
-            return
-        billing["reservationCharged"] = True
-        if outcome.id:
-            billing["reservationPaymentIntentId"] = outcome.id
-        billing["customerId"] = spec.customer.id
+    if not await _charge_reservation(p, spec, pool_spec):
+        return
     p.status["phase"] = "pledged"
     p.cond("Charged", True, "ReservationFeePaid", "reservation fee charged; waiting for the "
            "pool to activate")
+
+
+async def _charge_reservation(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec) -> bool:
+    """The reservation fee, once. False when it is declined (the seats are given up)."""
+    billing = p.status["billing"]
+    if billing.get("reservationCharged"):
+        return True
+    outcome = await p.ctl.billing.charge_reservation(
+        p.meta["uid"], spec.customer.id, Decimal(pool_spec.reservation_fee),
+        pool_spec.currency, f"gpupool reservation fee: {p.ns}/{spec.pool_ref.name}")
+    if not outcome.ok:
+        p.cond("Charged", False, "ReservationDeclined", outcome.reason or "declined")
+        await _lose_seats(p, "ReservationDeclined", outcome.reason or "payment declined")
+        p.wake(300)
+        return False
+    billing["reservationCharged"] = True
+    if outcome.id:
+        billing["reservationPaymentIntentId"] = outcome.id
+    billing["customerId"] = spec.customer.id
+    return True
+
+
+def _pledged_before_activation(p: Pass, pool: Obj) -> bool:
+    """Whether seats held in a pool that is now activated still owe the reservation fee.
+
+    The pool admits a subscription as soon as it is accepted and activates as soon as its
+    workload is Available: on a fast cluster within a second of the pledge that reached the
+    threshold, or while this subscription's fee step was held up by a crash or a Stripe outage.
+    Its next pass then finds the pool already activated and would skip the pledge step. Seats
+    asked for (Accepted) no later than the activation were a pledge, so the fee is charged
+    before activation; a subscription accepted after it subscribes to an active pool (no fee).
+    """
+    billing = p.status["billing"]
+    if billing.get("reservationCharged") or billing.get("subscriptionId") \
+            or p.old.get("phase") in ("active", "pending_key", "past_due"):
+        return False
+    accepted = get_condition(p.old.get("conditions"), ACCEPTED)
+    if not accepted or accepted.get("status") != "True":
+        return False
+    since = parse_time(accepted.get("lastTransitionTime"))
+    activated_at = parse_time((pool.get("status") or {}).get("activatedAt"))
+    return since is not None and activated_at is not None and since <= activated_at
 
 
 async def _activation_step(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, pool: Obj,
@@ -359,12 +392,16 @@ async def _activation_step(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec,
         if p.status.get("phase") == "canceled":
             return
     if stripe_status not in ("active", "trialing"):
+        # A re-fetched subscription carries no decline message: keep the one recorded when the
+        # payment failed rather than replace it with a generic line on the next pass.
+        earlier = get_condition(p.old.get("conditions"), "Charged") or {}
+        kept = (str(earlier["message"]) if earlier.get("status") == "False"
+                and earlier.get("reason") == "PaymentFailed" and earlier.get("message") else None)
         reason = (outcome.reason if outcome and outcome.reason else
-                  f"payment failed (Stripe status {stripe_status})")
+                  kept or f"payment failed (Stripe status {stripe_status})")
         p.status["phase"] = "past_due"
         p.cond("Charged", False, "PaymentFailed", reason)
-        if not billing.get("subscriptionId"):
-            return
+        # Close (never mint) the key: a failed first charge has none, a renewal failure has one.
         await _ensure_key(p, spec, pool_spec, pool_phase, blocks, mint=False)
         return
     p.cond("Charged", True, "Paid", f"{p.status.get('amount')} {pool_spec.currency} per "

@@ -117,7 +117,10 @@ def test_past_due_closes_at_once_and_paying_again_reopens(objs: Objects) -> None
     objs.wait_phase("subscriptions", "debtor", "past_due", timeout=15)
     wait_for(lambda: _gate(objs, "debtor") == "closed"
              and (objs.secret_labels(secret) or {}).get("gpupool.dev/gate") == "closed"
-             and _open_key_ids(objs, "dues") == set(), timeout=15)
+             and _open_key_ids(objs, "dues") == set(), timeout=15,
+             message=lambda: f"closed (gate {_gate(objs, 'debtor')}, label "
+             f"{(objs.secret_labels(secret) or {}).get('gpupool.dev/gate')}, open "
+             f"{len(_open_key_ids(objs, 'dues'))})")
     assert time.monotonic() - started < 10
     assert (objs.secret_data(secret) or {}).get("subscriptionPhase") == "past_due"
     objs.patch_status("subscriptions", "debtor", {"billing": {"status": "active"}})
