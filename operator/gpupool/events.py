@@ -32,4 +32,6 @@ async def post(kube: Kube, obj: dict[str, Any], reason: str, message: str,
     try:
         await kube.create("events", meta.get("namespace", "default"), body)
     except Exception as exc:  # an event is best effort; the status carries the truth
-        log.info("event %s for %s not posted: %s", reason, meta.get("name"), type(exc).__name__)
+        status = getattr(exc, "status", None)
+        log.info("event %s for %s not posted: %s%s", reason, meta.get("name"),
+                 type(exc).__name__, f" (HTTP {status})" if status else "")

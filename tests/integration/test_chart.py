@@ -45,6 +45,10 @@ OPERATOR_NAMESPACED = frozenset(
      for v in ("get", "list", "watch", "patch", "update")}
     | {("gpupool.dev", r, v) for r in ("pools/status", "subscriptions/status")
        for v in ("get", "patch", "update")}
+    # Children carry ownerReferences with blockOwnerDeletion: true; where the
+    # OwnerReferencesPermissionEnforcement admission plugin runs (OpenShift), setting that needs
+    # update on the owner's finalizers (test_chart_rbac_scenarios.py shows the 403 without it).
+    | {("gpupool.dev", r, "update") for r in ("pools/finalizers", "subscriptions/finalizers")}
     | {("", "secrets", v) for v in _RW}
     | {("", "services", v) for v in _RW}
     | {("apps", "deployments", v) for v in _RW}
@@ -146,6 +150,19 @@ def port_of(c: Obj, name: str) -> int:
     return int(next(p["containerPort"] for p in c["ports"] if p["name"] == name))
 
 
+def service_target(service: Obj, deployment: Obj, port_name: str) -> int:
+    """The container port a Service's port ``port_name`` reaches in ``deployment``'s pods."""
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items(), "selects other pods"
+    [port] = [p for p in service["spec"]["ports"] if p["name"] == port_name]
+    target = port["targetPort"]
+    return port_of(container(deployment), target) if isinstance(target, str) else int(target)
+
+
+def metrics_target(service: Obj, deployment: Obj) -> int:
+    return service_target(service, deployment, "metrics")
+
+
 def poll(what: str, check: Callable[[], T | None], timeout: float = 60.0,
          interval: float = 0.2) -> T:
     """``check()``'s first truthy result; fails with ``what`` after ``timeout`` seconds."""
@@ -241,6 +258,11 @@ def test_default_render(helm_bin: Path) -> None:
     env = env_of(c)
     assert env["GPUPOOL_METRICS_PORT"]["value"] == "9090"
     assert not any(k.startswith("GPUPOOL_STRIPE") for k in env), "billing is off by default"
+    # The operator is told the webhook port, but serves (and the chart exposes) it only with
+    # billing on.
+    assert env["GPUPOOL_WEBHOOK_PORT"]["value"] == "8081"
+    assert "webhook" not in {p["name"] for p in c["ports"]}
+    assert not find(docs, "Service", "gpupool-operator-webhook")
 
     gw = one(docs, "Deployment", "gpupool-gateway")
     gc = container(gw)
@@ -258,6 +280,8 @@ def test_default_render(helm_bin: Path) -> None:
         op["spec"]["template"]["metadata"]["labels"].items())
     assert not (metrics["spec"]["selector"].items()
                 <= gw["spec"]["template"]["metadata"]["labels"].items())
+    assert metrics_target(metrics, op) == int(env["GPUPOOL_METRICS_PORT"]["value"])
+    assert metrics_target(svc, gw) == 9090
 
     # Every namespace watched: the namespaced rights come from ClusterRoles.
     assert rule_set(one(docs, "ClusterRole", "gpupool-operator")["rules"]) == (
@@ -343,6 +367,14 @@ def test_full_values_render(helm_bin: Path) -> None:
     assert port_of(c, "health") == 8081
     assert "http://0.0.0.0:8081/healthz" in c["args"]
     env = env_of(c)
+    assert env["GPUPOOL_METRICS_PORT"]["value"] == "9091"
+    # Billing on: the webhook port is declared, passed on, and behind its own Service.
+    assert port_of(c, "webhook") == 8443
+    assert env["GPUPOOL_WEBHOOK_PORT"]["value"] == "8443"
+    webhook = one(docs, "Service", "gpupool-full-operator-webhook")
+    assert service_target(webhook, op, "webhook") == 8443
+    assert webhook["spec"]["ports"][0]["port"] == 8443
+    assert webhook["metadata"]["annotations"] == {"example.test/webhook": "stripe"}
     for name, key in (("GPUPOOL_STRIPE_API_KEY", "apiKey"),
                       ("GPUPOOL_STRIPE_WEBHOOK_SECRET", "webhookSecret"),
                       ("GPUPOOL_STRIPE_API_BASE", "apiBase")):
@@ -366,15 +398,23 @@ def test_full_values_render(helm_bin: Path) -> None:
     assert {m["metadata"]["name"] for m in monitors} == {"gpupool-full-operator",
                                                          "gpupool-full-gateway"}
     services = find(docs, "Service")
+    assert len(services) == 3  # gateway, operator metrics, operator webhook
+    # Where each process serves /metrics: the operator from its env, the gateway from its args.
+    serves_metrics = {"gpupool-full-operator": (op, int(env["GPUPOOL_METRICS_PORT"]["value"])),
+                      "gpupool-full-gateway": (gw, int(gc["args"][gc["args"].index(
+                          "--metrics-port") + 1]))}
     for m in monitors:
         assert m["apiVersion"] == "monitoring.coreos.com/v1"
         assert m["metadata"]["labels"]["release"] == "prometheus"
-        # Each ServiceMonitor selects exactly one Service, which has the named port.
+        # Each ServiceMonitor selects exactly one Service (not the operator's webhook Service),
+        # whose named port reaches the port the process serves /metrics on.
         selected = [s for s in services if m["spec"]["selector"]["matchLabels"].items()
                     <= s["metadata"]["labels"].items()]
         assert len(selected) == 1, m["metadata"]["name"]
-        port_names = {p["name"] for p in selected[0]["spec"]["ports"]}
-        assert {e["port"] for e in m["spec"]["endpoints"]} <= port_names
+        deployment, port = serves_metrics[m["metadata"]["name"]]
+        [endpoint] = m["spec"]["endpoints"]
+        assert endpoint["path"] == "/metrics"
+        assert service_target(selected[0], deployment, endpoint["port"]) == port
 
     assert {np["metadata"]["namespace"] for np in find(docs, "NetworkPolicy")} == {
         "team-a", "team-b", "shared-models"}
@@ -390,6 +430,43 @@ SCHEMA_CASES = [
     ({"gateway": {"redis": {"url": "localhost:6379"}}}, "gateway.redis.url"),
     ({"stripe": {"existingSecrets": "billing"}}, "stripe.existingSecrets"),
 ]
+
+
+# Ports the probes, Services and ServiceMonitors use must be the ports the processes listen on.
+PORT_CASES = [
+    ({"operator": {"ports": {"health": 8088}}}, "operator.ports.health"),
+    ({"operator": {"args": ["operator"]}}, "--liveness"),
+    ({"operator": {"ports": {"metrics": 8080}}}, "operator.ports.metrics"),
+    ({"stripe": {"existingSecret": "billing"}, "operator": {"ports": {"webhook": 9090}}},
+     "operator.ports.webhook"),
+    ({"gateway": {"ports": {"http": 8000}}}, "gateway.ports.http"),
+    ({"gateway": {"ports": {"metrics": 9191}}}, "gateway.ports.metrics"),
+    ({"gateway": {"extraArgs": ["--metrics-port=9191"]}}, "gateway.ports.metrics"),
+    ({"gateway": {"args": ["gateway", "--port", "9090"], "ports": {"http": 9090}}},
+     "gateway.ports.metrics"),
+]
+
+
+@pytest.mark.parametrize(("values", "dotted"), PORT_CASES,
+                         ids=[f"{c[1]}-{i}" for i, c in enumerate(PORT_CASES)])
+def test_render_refuses_mismatched_ports(helm_bin: Path, tmp_path: Path, values: Obj,
+                                         dotted: str) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(values))
+    proc = run([helm_bin, "template", "x", CHART, "-f", bad], check=False)
+    assert proc.returncode != 0, f"helm template accepted {values}"
+    assert dotted in proc.stderr, proc.stderr
+
+
+def test_render_accepts_ports_that_agree(helm_bin: Path) -> None:
+    docs = render(helm_bin, "--set", "operator.ports.health=8181",
+                  "--set", "operator.args={operator,--liveness=http://0.0.0.0:8181/healthz}",
+                  "--set-string", "gateway.extraArgs={--port,8443,--metrics-port,9443}",
+                  "--set", "gateway.ports.http=8443", "--set", "gateway.ports.metrics=9443")
+    op = one(docs, "Deployment", "gpupool-operator")
+    assert port_of(container(op), "health") == 8181
+    gw = one(docs, "Deployment", "gpupool-gateway")
+    assert metrics_target(one(docs, "Service", "gpupool-gateway"), gw) == 9443
 
 
 def names_value(output: str, dotted: str) -> bool:
@@ -623,7 +700,8 @@ def test_install_upgrade_uninstall(release: Release, admin: RawApi, tmp_path: Pa
     crd["metadata"].setdefault("labels", {})["gpupool.dev/test-marker"] = release.name
     crd_file.write_text(yaml.safe_dump(crd))
     values = release.values(tmp_path, {"watchNamespaces": [team],
-                                       "image": {"tag": "0.1.0-upgraded"}})
+                                       "image": {"tag": "0.1.0-upgraded"},
+                                       "stripe": {"existingSecret": "billing"}})
     release.upgrade("-f", values, chart=chart_copy)
     live_crd = api.get(crd_path("pools.gpupool.dev"))
     assert "gpupool.dev/test-marker" not in (live_crd["metadata"].get("labels") or {})
@@ -642,6 +720,16 @@ def test_install_upgrade_uninstall(release: Release, admin: RawApi, tmp_path: Pa
     assert c["args"][-2:] == ["--namespace", team]
     assert op["spec"]["strategy"]["type"] == "Recreate"
 
+    # Billing on: the operator's Services reach its pod on the ports it serves (the endpoints
+    # controller resolves the named target ports against the running pod).
+    def endpoint_ports(service: str) -> set[tuple[str, int]]:
+        ep = api.get(f"/api/v1/namespaces/{ns}/endpoints/{service}")
+        return {(p["name"], p["port"]) for sub in ep.get("subsets") or []
+                if sub.get("addresses") for p in sub["ports"]}
+    poll("the operator's webhook and metrics endpoints", lambda: (
+        endpoint_ports(f"{full}-operator-webhook") == {("webhook", 8081)}
+        and endpoint_ports(f"{full}-operator-metrics") == {("metrics", 9090)}))
+
     # A values file the schema refuses leaves the release as it was.
     bad = release.values(tmp_path, {"gateway": {"replicas": "many"}})
     proc = release.upgrade("-f", bad, "--reuse-values", check=False)
@@ -657,6 +745,7 @@ def test_install_upgrade_uninstall(release: Release, admin: RawApi, tmp_path: Pa
             f"/apis/apps/v1/namespaces/{ns}/deployments/{full}-gateway",
             f"/api/v1/namespaces/{ns}/services/{full}-gateway",
             f"/api/v1/namespaces/{ns}/services/{full}-operator-metrics",
+            f"/api/v1/namespaces/{ns}/services/{full}-operator-webhook",
             f"/api/v1/namespaces/{ns}/serviceaccounts/{full}-operator",
             f"/api/v1/namespaces/{ns}/serviceaccounts/{full}-gateway",
             f"{rbac}/clusterroles/{full}-operator-cluster",

@@ -83,3 +83,60 @@ app.kubernetes.io/component: gateway
 {{- toJson (list .Release.Namespace) }}
 {{- end }}
 {{- end }}
+
+{{/*
+The value a flag gets in an argument list ("--flag VALUE" or "--flag=VALUE"; the last one wins,
+as with argparse), or "" when the flag is absent. Call with (dict "args" LIST "flag" "--flag").
+*/}}
+{{- define "gpupool.argValue" -}}
+{{- $args := .args }}
+{{- $out := "" }}
+{{- range $i, $a := $args }}
+{{- if and (eq $a $.flag) (lt (add1 $i) (len $args)) }}
+{{- $out = index $args (add1 $i) }}
+{{- else if hasPrefix (printf "%s=" $.flag) $a }}
+{{- $out = trimPrefix (printf "%s=" $.flag) $a }}
+{{- end }}
+{{- end }}
+{{- $out }}
+{{- end }}
+
+{{/*
+Fail the render when a port the Services, probes and ServiceMonitors use is not the port the
+process listens on, or when two of a container's ports collide.
+*/}}
+{{- define "gpupool.checkOperatorPorts" -}}
+{{- $op := .Values.operator }}
+{{- $opArgs := concat $op.args $op.extraArgs }}
+{{- $liveness := include "gpupool.argValue" (dict "args" $opArgs "flag" "--liveness") }}
+{{- if not $liveness }}
+{{- fail "operator.args/extraArgs must pass --liveness http://0.0.0.0:<operator.ports.health>/healthz: the Deployment's liveness probe calls it" }}
+{{- end }}
+{{- $port := regexFind "[0-9]+$" (regexFind "^[a-z]+://[^/]*" $liveness) }}
+{{- if ne $port (toString $op.ports.health) }}
+{{- fail (printf "operator.ports.health (%v) must be the port of the --liveness URL in operator.args (%s): the liveness probe calls that port" $op.ports.health $liveness) }}
+{{- end }}
+{{- if eq (int $op.ports.health) (int $op.ports.metrics) }}
+{{- fail (printf "operator.ports.health and operator.ports.metrics are both %v: use two ports" $op.ports.health) }}
+{{- end }}
+{{- if and .Values.stripe.existingSecret (has (int $op.ports.webhook) (list (int $op.ports.health) (int $op.ports.metrics))) }}
+{{- fail (printf "operator.ports.webhook (%v) collides with operator.ports.health or operator.ports.metrics" $op.ports.webhook) }}
+{{- end }}
+{{- end }}
+
+{{- define "gpupool.checkGatewayPorts" -}}
+{{- $gw := .Values.gateway }}
+{{- $gwArgs := concat $gw.args $gw.extraArgs }}
+{{- /* The gateway's own defaults when the flags are absent: --port 8080, --metrics-port 9090. */}}
+{{- $http := include "gpupool.argValue" (dict "args" $gwArgs "flag" "--port") | default "8080" }}
+{{- $metrics := include "gpupool.argValue" (dict "args" $gwArgs "flag" "--metrics-port") | default "9090" }}
+{{- if ne $http (toString $gw.ports.http) }}
+{{- fail (printf "gateway.ports.http (%v) must equal the gateway's --port (%s) in gateway.args/extraArgs" $gw.ports.http $http) }}
+{{- end }}
+{{- if ne $metrics (toString $gw.ports.metrics) }}
+{{- fail (printf "gateway.ports.metrics (%v) must equal the gateway's --metrics-port (%s) in gateway.args/extraArgs (0, metrics on the main port, is not supported by the chart)" $gw.ports.metrics $metrics) }}
+{{- end }}
+{{- if eq (int $gw.ports.http) (int $gw.ports.metrics) }}
+{{- fail (printf "gateway.ports.http and gateway.ports.metrics are both %v: use two ports" $gw.ports.http) }}
+{{- end }}
+{{- end }}

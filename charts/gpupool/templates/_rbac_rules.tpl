@@ -10,6 +10,14 @@ namespace is watched, otherwise into a Role in each watched namespace.
 - apiGroups: ["gpupool.dev"]
   resources: ["pools/status", "subscriptions/status"]
   verbs: ["get", "patch", "update"]
+# What the operator makes is owned by a Pool or Subscription with blockOwnerDeletion: true. Where
+# the OwnerReferencesPermissionEnforcement admission plugin runs (OpenShift, hardened clusters),
+# setting that needs update on the owner's finalizers subresource; without it every create is
+# refused ("cannot set blockOwnerDeletion ..."). The subresource has no endpoint: this right
+# allows nothing else.
+- apiGroups: ["gpupool.dev"]
+  resources: ["pools/finalizers", "subscriptions/finalizers"]
+  verbs: ["update"]
 # Key Secrets (one per Subscription), the upstream-key and open-keys Secrets (one per Pool).
 - apiGroups: [""]
   resources: ["secrets"]
