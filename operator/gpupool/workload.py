@@ -86,6 +86,12 @@ PROBE_TIMEOUT_SECONDS = 5
 # Scheduling and image pulls come on top of the model load before the Deployment counts as stuck.
 PROGRESS_DEADLINE_MARGIN_SECONDS = 600
 
+# Pod spec fields ``_pod_template`` sets only when the Pool asks for them. Whoever applies the
+# Deployment with a merge patch must send them as null when absent, or taking one out of the
+# Pool leaves it on the pods.
+OPTIONAL_POD_SPEC_FIELDS: tuple[str, ...] = (
+    "nodeSelector", "tolerations", "affinity", "priorityClassName")
+
 # Pool phases in which the workload runs; draft, funding and paused run nothing.
 RUNNING_PHASES: frozenset[str] = frozenset({"activating", "active"})
 
