@@ -7,4 +7,6 @@
 pytest_plugins = [
     "support.cluster_fixtures",
     "support.operator_fixtures",
+    "support.stripe",
+    "support.vllm",
 ]

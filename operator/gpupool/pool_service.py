@@ -132,7 +132,7 @@ async def reconcile_pool(ctl: Controller, key: tuple[str, str]) -> float | None:
     else:
         conds = set_condition(conds, "Ready", True, "SpecValid", "spec accepted", gen, now)
 
-    claims = [c for s in ctl.world.subs_of_pool(key) if (c := claim_of(s)) is not None]
+    claims = await _claims(ctl, key, ledger.parse_ledger(status.get("ledger")))
     admitting = spec.published and not spec.paused
     old_ledger_raw = status.get("ledger") or {}
     planned = ledger.plan(spec.capacity(), ledger.parse_ledger(old_ledger_raw), claims, admitting)
@@ -145,9 +145,15 @@ async def reconcile_pool(ctl: Controller, key: tuple[str, str]) -> float | None:
     desired = workload.desired_replicas(spec, planned.reserved(), now, provisional)
     if bad_args or bad_env:
         # A spec the operator refuses does not reach the running workload: it keeps serving as
-        # it was until the spec is fixed.
-        dep = await ctl.kube.get("deployments", ns, names.deployment_name(name), group="apps/v1")
-        desired = int(((dep or {}).get("spec") or {}).get("replicas") or 0)
+        # it was until the spec is fixed. Only its pod template is frozen: replicas still follow
+        # the phase and the clock, so pausing (or an unsold block) frees the GPUs all the same.
+        dep_name = names.deployment_name(name)
+        dep = await ctl.kube.get("deployments", ns, dep_name, group="apps/v1")
+        if dep is None:
+            desired = 0
+        elif int((dep.get("spec") or {}).get("replicas") or 0) != desired:
+            dep = await ctl.kube.patch("deployments", ns, dep_name,
+                                       {"spec": {"replicas": desired}}, group="apps/v1")
     else:
         dep = await _apply_workload(ctl, pool, spec, desired)
     available, ready = deployment_ready(dep, desired)
@@ -207,6 +213,21 @@ async def reconcile_pool(ctl: Controller, key: tuple[str, str]) -> float | None:
             ctl.subs.add(sub_key)
     ctl.open_keys.add(key)
     return _next_wakeup(spec, planned.reserved(), now, phase)
+
+
+async def _claims(ctl: Controller, key: tuple[str, str],
+                  held: Mapping[str, tuple[str, ledger.Holding]]) -> list[ledger.Claim]:
+    """The claims on this pool. A holder the watch has not delivered yet (right after a start,
+    say) is read from the API server: seats are released only for a subscription that is really
+    gone, canceled or being deleted, never for one the cache has not seen."""
+    subs = {s["metadata"]["name"]: s for s in ctl.world.subs_of_pool(key)}
+    for name, (uid, _) in held.items():
+        if name in subs:
+            continue
+        sub = await ctl.kube.get_custom("subscriptions", key[0], name)
+        if sub is not None and sub["metadata"].get("uid") == uid:
+            subs[name] = sub
+    return [c for s in subs.values() if (c := claim_of(s)) is not None]
 
 
 def _pending(sub: Obj) -> bool:

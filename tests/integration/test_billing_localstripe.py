@@ -32,8 +32,6 @@ from gpupool.billing.localstripe import (
 )
 from gpupool.blocks import Block
 
-pytest_plugins = ["support.stripe"]
-
 POOL_KEY = "default/qwen"
 
 

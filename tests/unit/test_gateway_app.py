@@ -463,12 +463,26 @@ async def test_upstream_down_is_502_and_frees_the_slot(env: Env) -> None:
     assert env.limiter.usage("down") == (1, 0, 0)
 
 
-async def test_upstream_client_error_settles_to_zero(env: Env) -> None:
-    # vLLM answers 4xx without generating anything: nothing is charged.
+async def test_upstream_refusing_the_internal_key_is_502_not_401(env: Env) -> None:
+    # The client's key is fine; the pool's upstream key is out of date. Nothing is charged.
     env.source.put(upstream_key("wrong-internal-key"))
+    env.gateway.models.put(env.upstream_url, 256)
     r = await env.http.post("/v1/chat/completions", json=CHAT, headers=bearer(env.key))
-    assert r.status_code == 401
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "upstream_auth_failed"
     assert env.limiter.usage("key_test") == (1, 0, 0)
+
+
+async def test_upstream_client_error_passes_through_and_settles_to_zero(env: Env) -> None:
+    # vLLM answers 4xx (here 404 for an unknown model) without generating: nothing is charged.
+    r = await env.http.post("/v1/chat/completions", content=b'{"model": "x"}',
+                            headers={**bearer(env.key), "content-type": "application/json"})
+    assert r.status_code == 200  # the stand-in does not check models; use a route it lacks
+    env.source.put(key_record(env.key, upstream=env.upstream_url + "/nowhere"))
+    env.gateway.models.put(env.upstream_url + "/nowhere", 256)
+    r = await env.http.post("/v1/chat/completions", json=CHAT, headers=bearer(env.key))
+    assert r.status_code == 404
+    assert env.limiter.usage("key_test") == (2, 15, 0)
 
 
 # -- block end ------------------------------------------------------------------------------------
