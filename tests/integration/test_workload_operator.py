@@ -16,10 +16,10 @@ from gpupool.blocks import block_at
 from gpupool.devcluster import FAKE_NODE_LABEL, FakeKubelet
 from gpupool.workload import SPEC_HASH_ANNOTATION, selector_labels
 from support.clock import ShiftedClock
-from support.kube import create_namespace, raw, unique_name, wait_for_default_service_account
+from support.kube import raw, wait_for_default_service_account
 from support.objects import Objects, condition, pool_body, sub_body
 from support.operator import OperatorProcess
-from support.waiting import WaitTimeout, assert_stays, wait_for
+from support.waiting import assert_stays, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -98,41 +98,6 @@ def _wait_serving(objs: Objects, pool: str, replicas: int = 1, timeout: float = 
 
 
 # --- on the shared operator -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def namespaces_watched(kube: client.ApiClient, operator: OperatorProcess) -> None:
-    """Make sure the shared operator notices namespaces created from now on.
-
-    The shared operator watches ``!x-*``, so kopf (1.45) lists namespaces and then watches
-    them; the watch stream's own initial listing is ignored, so a namespace created between the
-    two listings (right after the operator reports healthy, which is when a module's first
-    namespace is made) is never served until it changes. A probe namespace is served either
-    way: if it fell into that window, relabelling it (a MODIFIED event) gets it noticed.
-    """
-    ns = create_namespace(kube, unique_name("probe-ns-watch"), wait_ready=False)
-    try:
-        objs = Objects(kube, ns)
-        objs.create(pool_body("probe", published=False))
-
-        def served() -> bool:
-            return objs.phase("pools", "probe") == "draft"
-        try:
-            wait_for(served, timeout=5)
-        except WaitTimeout:
-            raw(kube).request("PATCH", f"/api/v1/namespaces/{ns}",
-                              body={"metadata": {"labels": {"gpupool.dev/probe": "seen"}}},
-                              content_type="application/merge-patch+json")
-            wait_for(served, timeout=30, message="the shared operator serves a new namespace")
-    finally:
-        raw(kube).request("DELETE", f"/api/v1/namespaces/{ns}")
-
-
-@pytest.fixture
-def objs(objs: Objects, namespaces_watched: None) -> Objects:
-    """The shared ``objs``, its namespace made once the operator is sure to notice it (the
-    module-scoped probe runs before any test's namespace is created)."""
-    return objs
 
 
 def test_funding_activating_active_as_pledges_reach_the_threshold(

@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from support.objects import Objects, kubectl
+from support.kube import create_namespace, raw, unique_name
+from support.objects import Objects, kubectl, pool_body
 from support.operator import OperatorProcess
+from support.waiting import WaitTimeout, wait_for
 
 CRDS = Path(__file__).resolve().parents[2] / "crds"
 
@@ -27,11 +29,38 @@ def crds(cluster: Any) -> Path:
 
 
 @pytest.fixture(scope="session")
-def operator(cluster: Any, crds: Path) -> Iterator[OperatorProcess]:
+def operator(cluster: Any, kube: client.ApiClient, crds: Path) -> Iterator[OperatorProcess]:
     # Tests that run an operator of their own use namespaces named x-*; the shared one stays out.
     op = OperatorProcess(cluster.kubeconfig, name="operator-shared", namespaces=["!x-*"]).start()
+    _probe_namespace_watch(kube)
     yield op
     op.stop()
+
+
+def _probe_namespace_watch(kube: client.ApiClient) -> None:
+    """Return once the shared operator serves namespaces created from now on.
+
+    With a namespace glob, kopf (1.45) lists namespaces and then watches them, ignoring the
+    watch's own initial listing, so a namespace created between the two (right after the
+    operator reports healthy) is not served until it changes. A probe namespace is served
+    either way: if it fell into that window, relabelling it (a MODIFIED event) gets it noticed.
+    """
+    ns = create_namespace(kube, unique_name("probe-ns-watch"), wait_ready=False)
+    try:
+        objs = Objects(kube, ns)
+        objs.create(pool_body("probe", published=False))
+
+        def served() -> bool:
+            return objs.phase("pools", "probe") == "draft"
+        try:
+            wait_for(served, timeout=5)
+        except WaitTimeout:
+            raw(kube).request("PATCH", f"/api/v1/namespaces/{ns}",
+                              body={"metadata": {"labels": {"gpupool.dev/probe": "seen"}}},
+                              content_type="application/merge-patch+json")
+            wait_for(served, timeout=30, message="the shared operator serves a new namespace")
+    finally:
+        raw(kube).request("DELETE", f"/api/v1/namespaces/{ns}")
 
 
 def make_namespace(api_client: client.ApiClient, prefix: str = "t") -> str:
