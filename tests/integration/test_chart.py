@@ -38,28 +38,37 @@ MANIFESTS = ROOT / "manifests"
 Obj = dict[str, Any]
 T = TypeVar("T")
 
-# The operator's rights, as (apiGroup, resource, verb); see charts/gpupool/README.md.
-_RW = ("get", "list", "watch", "create", "patch", "update", "delete")
+# The operator's rights, as (apiGroup, resource, verb); see charts/gpupool/README.md. Each verb is
+# one the code sends: gpupool.kube (GET, POST, PATCH, DELETE; PUT only to replace the open-keys
+# Secret), gpupool.events (POST core v1 Events) and kopf (list+watch of what it handles, merge
+# patches of finalizers and annotations, list+watch of CRDs and namespaces). Nothing deletes a
+# Deployment or Service (the garbage collector does, with the Pool), PUTs a Pool, Subscription,
+# status, Deployment or Service, reads a status subresource or one Pod, CRD or Namespace by name,
+# watches Services, or patches an Event; so none of those is granted
+# (test_chart_rbac_scenarios.py runs the operator on exactly these and finds no 403).
 OPERATOR_NAMESPACED = frozenset(
     {("gpupool.dev", r, v) for r in ("pools", "subscriptions")
-     for v in ("get", "list", "watch", "patch", "update")}
-    | {("gpupool.dev", r, v) for r in ("pools/status", "subscriptions/status")
-       for v in ("get", "patch", "update")}
+     for v in ("get", "list", "watch", "patch")}
+    | {("gpupool.dev", r, "patch") for r in ("pools/status", "subscriptions/status")}
     # Children carry ownerReferences with blockOwnerDeletion: true; where the
     # OwnerReferencesPermissionEnforcement admission plugin runs (OpenShift), setting that needs
     # update on the owner's finalizers (test_chart_rbac_scenarios.py shows the 403 without it).
     | {("gpupool.dev", r, "update") for r in ("pools/finalizers", "subscriptions/finalizers")}
-    | {("", "secrets", v) for v in _RW}
-    | {("", "services", v) for v in _RW}
-    | {("apps", "deployments", v) for v in _RW}
-    | {("", "pods", v) for v in ("get", "list", "watch")}
-    | {(g, "events", v) for g in ("", "events.k8s.io") for v in ("create", "patch")}
+    # update: the open-keys Secret is replaced whole (PUT with its resourceVersion).
+    | {("", "secrets", v)
+       for v in ("get", "list", "watch", "create", "patch", "update", "delete")}
+    | {("apps", "deployments", v) for v in ("get", "list", "watch", "create", "patch")}
+    | {("", "services", v) for v in ("get", "create", "patch")}
+    | {("", "pods", v) for v in ("list", "watch")}
+    | {("", "events", "create")}
 )
 OPERATOR_CLUSTER = frozenset(
-    {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
-    | {("", "namespaces", v) for v in ("get", "list", "watch")}
+    {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
+    | {("", "namespaces", v) for v in ("list", "watch")}
 )
-GATEWAY_NAMESPACED = frozenset({("", "secrets", v) for v in ("get", "list", "watch")})
+# The gateway lists key Secrets, then watches them (gpupool.gateway.kube); it never reads one by
+# name.
+GATEWAY_NAMESPACED = frozenset({("", "secrets", v) for v in ("list", "watch")})
 VLLM_LABELS = {"app.kubernetes.io/component": "vllm", "app.kubernetes.io/managed-by": "gpupool"}
 
 # Helm 4 says "- at '/gateway/replicas': ...", Helm 3 "- gateway.replicas: ...".
@@ -656,8 +665,11 @@ def release(helm_bin: Path, cluster: LocalCluster, admin: RawApi) -> Iterator[Re
         rel.cleanup()
 
 
+CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+
+
 def crd_path(name: str) -> str:
-    return f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"
+    return f"{CRDS}/{name}"
 
 
 def pool_body(name: str) -> Obj:
@@ -789,8 +801,11 @@ def test_service_account_rbac_is_least_privilege(release: Release, cluster: Loca
         assert api_status(op, "GET", f"/api/v1/namespaces/{watched}/secrets") == 200
         assert api_status(op, "GET", f"/api/v1/namespaces/{watched}/secrets/customer-data") == 200
         assert api_status(op, "GET", f"/apis/apps/v1/namespaces/{watched}/deployments") == 200
-        assert api_status(op, "GET", crd_path("pools.gpupool.dev")) == 200
+        # kopf lists CRDs and namespaces; nothing reads one by name.
+        assert api_status(op, "GET", CRDS) == 200
         assert api_status(op, "GET", "/api/v1/namespaces") == 200
+        assert api_status(op, "GET", crd_path("pools.gpupool.dev")) == 403
+        assert api_status(op, "GET", f"/api/v1/namespaces/{watched}") == 403
         # ... and nothing outside it: no Secrets, no Pools, no cluster-wide lists.
         assert api_status(op, "GET", f"/api/v1/namespaces/{other}/secrets/customer-data") == 403
         assert api_status(op, "GET", f"/api/v1/namespaces/{other}/secrets") == 403
@@ -815,8 +830,11 @@ def test_service_account_rbac_is_least_privilege(release: Release, cluster: Loca
         assert rules_review(op, watched) == OPERATOR_NAMESPACED | OPERATOR_CLUSTER
         assert rules_review(op, other) == OPERATOR_CLUSTER
 
-        # The gateway reads Secrets in the watched namespace, and does nothing else.
-        assert api_status(gw, "GET", f"/api/v1/namespaces/{watched}/secrets/customer-data") == 200
+        # The gateway lists (and watches) Secrets in the watched namespace, and does nothing
+        # else: not even read one by name.
+        assert api_status(gw, "GET", f"/api/v1/namespaces/{watched}/secrets") == 200
+        assert api_status(gw, "GET", f"/api/v1/namespaces/{watched}/secrets/customer-data") == 403
+        assert api_status(gw, "GET", f"/api/v1/namespaces/{other}/secrets") == 403
         assert api_status(gw, "GET", f"/api/v1/namespaces/{other}/secrets/customer-data") == 403
         assert api_status(gw, "POST", f"/api/v1/namespaces/{watched}/secrets", body={
             "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "forged"}}) == 403

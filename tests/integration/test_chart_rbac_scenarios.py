@@ -12,7 +12,8 @@ seats through the finalizer, the pool's Service exists and Events are posted -- 
 of its own that enforces owner-reference permissions (OwnerReferencesPermissionEnforcement, as
 OpenShift does), where the chart's ``pools/finalizers`` rule is shown to be what makes it work.
 The same token is then shown to be no broader than the chart's README says: no Secrets outside
-the watched namespace, no CRD deletion, no RBAC.
+the watched namespace, no CRD deletion, no RBAC. The gateway's key source, on the gateway
+ServiceAccount's token (list and watch, no get), lists a key Secret and sees the next one arrive.
 
 The customer's side (creating Pools and Subscriptions, reading key Secrets to check them) uses the
 admin client, as the platform's backend would use its own rights.
@@ -20,6 +21,7 @@ admin client, as the platform's backend would use its own rights.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from test_chart import (
+    CRDS,
     OPERATOR_CLUSTER,
     OPERATOR_NAMESPACED,
     Release,
@@ -40,8 +43,10 @@ from test_chart import (
     rules_review,
 )
 
-from gpupool import names
+from gpupool import keys, names
 from gpupool.devcluster import FakeKubelet, LocalCluster, RawApi, service_account_token
+from gpupool.gateway.keys import KeyStore
+from gpupool.gateway.kube import KubernetesKeySource
 from support.cluster_fixtures import require_control_plane
 from support.kube import create_namespace, unique_name, wait_for_default_service_account
 from support.objects import Objects, condition, pool_body, sub_body
@@ -55,9 +60,11 @@ ALL_DAY = ["asia", "europe", "americas"]
 RBAC = "/apis/rbac.authorization.k8s.io/v1"
 
 # A refused request, however the operator or kopf words it: "(403)", "status=403", "403 Forbidden",
-# "... is forbidden: User ... cannot ...". Neither a log timestamp's milliseconds (",403") nor a
-# "403" inside a name, uid or key id counts.
-DENIED = re.compile(r"(?<![\w,.-])403(?!\w)|forbidden", re.IGNORECASE)
+# "... is forbidden: User ... cannot ...", and kopf's "Not enough permissions to list namespaces"
+# (it falls back and carries on, naming no status). Neither a log timestamp's milliseconds
+# (",403") nor a "403" inside a name, uid or key id counts.
+DENIED = re.compile(r"(?<![\w,.-])403(?!\w)|forbidden|not enough (rbac )?permissions",
+                    re.IGNORECASE)
 
 
 @pytest.fixture
@@ -400,8 +407,9 @@ def test_the_chart_token_is_no_broader_than_needed(installed: Installed, cluster
         assert api_status(op, "GET",
                           f"/apis/apps/v1/namespaces/{other}/deployments") == 403
 
-        # CRDs: read only.
-        assert api_status(op, "GET", crd_path("pools.gpupool.dev")) == 200
+        # CRDs: list and watch only (kopf's), not even a read by name.
+        assert api_status(op, "GET", CRDS) == 200
+        assert api_status(op, "GET", crd_path("pools.gpupool.dev")) == 403
         assert api_status(op, "DELETE", crd_path("pools.gpupool.dev")) == 403
         assert api_status(op, "DELETE", crd_path("subscriptions.gpupool.dev")) == 403
         assert api_status(op, "PATCH", crd_path("pools.gpupool.dev"), body={},
@@ -433,3 +441,50 @@ def test_the_chart_token_is_no_broader_than_needed(installed: Installed, cluster
         op_client.close()
     secret = admin.get(f"/api/v1/namespaces/{other}/secrets/customer-data")
     assert secret["data"]["apiKey"]  # still there, untouched
+
+
+def test_the_gateway_on_the_chart_token_lists_and_watches_key_secrets(
+        installed: Installed, cluster: LocalCluster, kube: client.ApiClient, admin: RawApi,
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The gateway's Secret source (gpupool.gateway.kube) on the chart's gateway token: list and
+    watch are all it needs (the Role grants no get)."""
+    rel, ns = installed.release, installed.watched
+    sa = f"{rel.fullname}-gateway"
+
+    def upstream_secret(pool: str, key: str) -> None:
+        body = keys.build_upstream_key_secret(namespace=ns, pool=pool, pool_uid="none",
+                                              api_key=key)
+        meta = body["metadata"]
+        assert isinstance(meta, dict)
+        del meta["ownerReferences"]  # no owner: the garbage collector leaves it alone
+        admin.request("POST", f"/api/v1/namespaces/{ns}/secrets", body=body)
+
+    upstream_secret("listed", "upstream-listed")
+    kubeconfig = cluster.write_kubeconfig(
+        tmp_path / "gateway.kubeconfig", token=service_account_token(kube, rel.namespace, sa),
+        user=sa)
+    source = KubernetesKeySource([ns], kubeconfig=str(kubeconfig), watch_timeout=5)
+    store = KeyStore()
+
+    async def run() -> None:
+        task = asyncio.create_task(source.run(store))
+        try:
+            await asyncio.wait_for(store.wait_synced(), timeout=30)
+            listed = names.upstream_key_secret_name("listed")
+            assert store.upstream_key(ns, listed) == "upstream-listed"
+            await asyncio.to_thread(upstream_secret, "watched", "upstream-watched")
+            watched = names.upstream_key_secret_name("watched")
+            for _ in range(300):
+                if store.upstream_key(ns, watched) is not None:
+                    break
+                await asyncio.sleep(0.1)
+            assert store.upstream_key(ns, watched) == "upstream-watched", "no watch event"
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    with caplog.at_level("INFO", logger="gpupool.gateway"):
+        asyncio.run(run())
+    refused = [r.getMessage() for r in caplog.records if "API error" in r.getMessage()
+               or DENIED.search(r.getMessage())]
+    assert not refused, refused

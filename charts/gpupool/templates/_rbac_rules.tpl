@@ -3,13 +3,15 @@ The operator's rights, least privilege. Namespaced rules go into a ClusterRole w
 namespace is watched, otherwise into a Role in each watched namespace.
 */}}
 {{- define "gpupool.operatorNamespacedRules" -}}
-# Pools and Subscriptions: kopf watches them and patches finalizers, annotations and status.
+# Pools and Subscriptions: kopf lists and watches them and merge-patches finalizers and
+# annotations; the operator reads one by name. Nothing replaces them (no update).
 - apiGroups: ["gpupool.dev"]
   resources: ["pools", "subscriptions"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch"]
+# Status is only ever merge-patched (the objects themselves are read through the main resource).
 - apiGroups: ["gpupool.dev"]
   resources: ["pools/status", "subscriptions/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 # What the operator makes is owned by a Pool or Subscription with blockOwnerDeletion: true. Where
 # the OwnerReferencesPermissionEnforcement admission plugin runs (OpenShift, hardened clusters),
 # setting that needs update on the owner's finalizers subresource; without it every create is
@@ -18,44 +20,45 @@ namespace is watched, otherwise into a Role in each watched namespace.
 - apiGroups: ["gpupool.dev"]
   resources: ["pools/finalizers", "subscriptions/finalizers"]
   verbs: ["update"]
-# Key Secrets (one per Subscription), the upstream-key and open-keys Secrets (one per Pool).
+# Key Secrets (one per Subscription), the upstream-key and open-keys Secrets (one per Pool): kopf
+# watches key Secrets; the operator creates, patches and deletes them, and replaces (update) the
+# open-keys Secret whole.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
-# One vLLM Deployment and Service per Pool.
+# One vLLM Deployment (watched by kopf) and Service per Pool, made or patched in place; the
+# garbage collector deletes them with their Pool.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
-# vLLM pods, read only: why a replica does not schedule.
+  verbs: ["get", "create", "patch"]
+# vLLM pods, read only (watched, and listed per Pool): why a replica does not schedule.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
-# Events on Pools and Subscriptions (gate flips, phase changes).
+  verbs: ["list", "watch"]
+# Events on Pools and Subscriptions (gate flips, phase changes): core v1, each one created new.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
 
 {{- define "gpupool.operatorClusterRules" -}}
-# kopf scans the CRDs to resolve its resources (cluster-scoped, read only).
+# kopf lists and watches the CRDs to follow its resources (cluster-scoped, read only).
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
-  verbs: ["get", "list", "watch"]
-# kopf lists namespaces to match its namespace patterns.
+  verbs: ["list", "watch"]
+# kopf lists and watches namespaces to match its namespace patterns.
 - apiGroups: [""]
   resources: ["namespaces"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 {{- end }}
 
-{{/* The gateway only reads Secrets (it selects those labelled gpupool.dev/kind). */}}
+{{/* The gateway only lists and watches Secrets (those labelled gpupool.dev/kind); it never
+reads one by name. */}}
 {{- define "gpupool.gatewayNamespacedRules" -}}
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 {{- end }}
