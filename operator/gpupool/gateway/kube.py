@@ -5,7 +5,7 @@ One list+watch loop per namespace (or one cluster-wide) on the Secrets labelled
 a phase flipped by the operator, a deleted Secret) is applied to the store as it arrives; a watch
 that expires is resumed from the last resource version, and one that is too old (410 Gone) is
 replaced by a fresh list. The store is marked synced once every namespace has been listed.
-Needs RBAC ``get``/``list``/``watch`` on ``secrets`` in those namespaces.
+Needs RBAC ``list``/``watch`` on ``secrets`` in those namespaces.
 
 Nothing here logs a Secret's data: only namespaces, names and key ids.
 """
