@@ -43,7 +43,15 @@ kubectl wait --for=jsonpath='{.status.phase}'=funding pool/qwen3-8b --timeout=60
 echo "== the pool is funding: it activates at 6 pledged seat-blocks"
 kubectl get pools
 
-kubectl apply -f examples/subscriptions.yaml
+kubectl apply -f examples/subscriptions.yaml -l demo-step=first
+for _ in $(seq 1 30); do
+  [ "$(kubectl get pool qwen3-8b -o jsonpath='{.status.pledgedSlots}')" = "3" ] && break
+  sleep 1
+done
+echo "== two customers pledged 3 seat-blocks: the reservation fee is charged, the pool keeps funding"
+kubectl get pools,subscriptions
+
+kubectl apply -f examples/subscriptions.yaml -l demo-step=second
 for _ in $(seq 1 60); do
   phases=$(kubectl get subscriptions -o jsonpath='{.items[*].status.phase}')
   [ "$phases" = "active active active" ] && break
