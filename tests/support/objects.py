@@ -108,24 +108,24 @@ class Objects:
             f"{plural}/{name} phase {phase} (now {self.phase(plural, name)}; "
             f"status {((self.get(plural, name) or {}).get('status') or {}).get('conditions')})"))
 
-    def secret_data(self, name: str) -> dict[str, str] | None:
-        """A Secret's data, decoded. Callers must never print the apiKey."""
+    def _secret(self, name: str) -> Any:
         try:
-            sec = self.core.read_namespaced_secret(name, self.ns)
+            return self.core.read_namespaced_secret(name, self.ns)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
+
+    def secret_data(self, name: str) -> dict[str, str] | None:
+        """A Secret's data, decoded. Callers must never print the apiKey."""
+        sec = self._secret(name)
+        if sec is None:
+            return None
         return {k: base64.b64decode(v).decode() for k, v in (sec.data or {}).items()}
 
     def secret_labels(self, name: str) -> dict[str, str] | None:
-        try:
-            sec = self.core.read_namespaced_secret(name, self.ns)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return dict(sec.metadata.labels or {})
+        sec = self._secret(name)
+        return None if sec is None else dict(sec.metadata.labels or {})
 
     def events(self, name: str) -> list[Any]:
         return [e for e in self.core.list_namespaced_event(self.ns).items
