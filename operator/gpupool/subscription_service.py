@@ -35,6 +35,8 @@ Obj = dict[str, Any]
 HOLDING_PHASES = ("pledged", "pending_key", "active", "past_due")
 NO_PAYMENT_METHOD = "No payment method found — add a card first"
 PAYMENT_METHOD_RECHECK = 30.0
+RESERVATION_DUE = "ReservationFeeDue"
+RESERVATION_RETRY = 300.0
 
 
 def add_months(at: datetime, months: int) -> datetime:
@@ -186,7 +188,7 @@ async def _run(p: Pass, spec: SubscriptionSpec, pool: Obj | None) -> None:
     if not activated:
         await _pledge_step(p, spec, pool_spec)
         return
-    if not spec.cancel_at_period_end and _pledged_before_activation(p, pool) \
+    if not spec.cancel_at_period_end and _pledged_before_activation(p) \
             and not await _charge_reservation(p, spec, pool_spec):
         return
     await _activation_step(p, spec, pool_spec, pool, pool_phase, blocks)
@@ -260,6 +262,8 @@ async def _not_holding(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, poo
         p.set_pending("BlockNotOffered", msg)
         p.cond(ACCEPTED, False, "BlockNotOffered", msg)
         return
+    if _declined_recently(p):
+        return
     if not await _payment_method(p, spec):
         return
     was_accepted = get_condition(p.status.get("conditions"), ACCEPTED)
@@ -272,6 +276,27 @@ async def _not_holding(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, poo
     else:
         p.set_pending("Queued", "waiting for the pool to assign seats")
     p.cond(ACCEPTED, True, "Accepted", "waiting for seats")
+    _note_reservation_due(p, pool)
+
+
+def _declined_recently(p: Pass) -> bool:
+    """Wait RESERVATION_RETRY after a declined reservation fee before asking for seats again.
+
+    The decline gave the seats up. Asking again at once (the status write that recorded the
+    decline starts the next pass) would be accepted, admitted and declined on the same card in
+    a tight loop of Stripe and API calls."""
+    conds = p.status.get("conditions")
+    charged, accepted = get_condition(conds, "Charged"), get_condition(conds, ACCEPTED)
+    if not charged or charged.get("reason") != "ReservationDeclined" \
+            or not accepted or accepted.get("status") != "False":
+        return False
+    since = parse_time(accepted.get("lastTransitionTime"))
+    left = RESERVATION_RETRY - (p.now - since).total_seconds() if since else 0.0
+    if left <= 0:
+        return False
+    p.set_pending("ReservationDeclined", str(charged.get("message") or "payment declined"))
+    p.wake(left)
+    return True
 
 
 async def _payment_method(p: Pass, spec: SubscriptionSpec) -> bool:
@@ -319,7 +344,7 @@ async def _charge_reservation(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSp
     if not outcome.ok:
         p.cond("Charged", False, "ReservationDeclined", outcome.reason or "declined")
         await _lose_seats(p, "ReservationDeclined", outcome.reason or "payment declined")
-        p.wake(300)
+        p.wake(RESERVATION_RETRY)
         return False
     billing["reservationCharged"] = True
     if outcome.id:
@@ -328,26 +353,35 @@ async def _charge_reservation(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSp
     return True
 
 
-def _pledged_before_activation(p: Pass, pool: Obj) -> bool:
+def _note_reservation_due(p: Pass, pool: Obj) -> None:
+    """Seats asked for while the pool is not active yet will be a pledge: record that its fee
+    is due (a ``Charged`` condition), so that it is charged even when the pool activates before
+    this subscription's pledge step has run. Still waiting once the pool is active: no pledge."""
+    charged = get_condition(p.status.get("conditions"), "Charged")
+    if (pool.get("status") or {}).get("activatedAt"):
+        if charged and charged.get("reason") == RESERVATION_DUE:
+            p.status["conditions"] = [c for c in p.status.get("conditions") or []
+                                      if c.get("type") != "Charged"]
+    elif charged is None:
+        p.cond("Charged", False, RESERVATION_DUE, "the reservation fee is charged once the "
+               "pool holds seats for this subscription")
+
+
+def _pledged_before_activation(p: Pass) -> bool:
     """Whether seats held in a pool that is now activated still owe the reservation fee.
 
     The pool admits a subscription as soon as it is accepted and activates as soon as its
     workload is Available: on a fast cluster within a second of the pledge that reached the
     threshold, or while this subscription's fee step was held up by a crash or a Stripe outage.
-    Its next pass then finds the pool already activated and would skip the pledge step. Seats
-    asked for (Accepted) no later than the activation were a pledge, so the fee is charged
-    before activation; a subscription accepted after it subscribes to an active pool (no fee).
+    Its next pass then finds the pool activated and would skip the pledge step; the fee noted as
+    due when it was accepted (``_note_reservation_due``) is charged before activation instead.
     """
     billing = p.status["billing"]
     if billing.get("reservationCharged") or billing.get("subscriptionId") \
             or p.old.get("phase") in ("active", "pending_key", "past_due"):
         return False
-    accepted = get_condition(p.old.get("conditions"), ACCEPTED)
-    if not accepted or accepted.get("status") != "True":
-        return False
-    since = parse_time(accepted.get("lastTransitionTime"))
-    activated_at = parse_time((pool.get("status") or {}).get("activatedAt"))
-    return since is not None and activated_at is not None and since <= activated_at
+    charged = get_condition(p.old.get("conditions"), "Charged")
+    return bool(charged and charged.get("reason") == RESERVATION_DUE)
 
 
 async def _activation_step(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, pool: Obj,
