@@ -9,4 +9,5 @@ pytest_plugins = [
     "support.operator_fixtures",
     "support.stripe",
     "support.vllm",
+    "support.api_fixtures",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -14,12 +15,22 @@ def _operator(argv: list[str]) -> int:
                         help="namespace to watch (repeatable); default: all namespaces")
     parser.add_argument("--liveness", default=None,
                         help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument("--admission-port", type=int,
+                        default=int(os.environ.get("GPUPOOL_ADMISSION_PORT") or 0),
+                        help="serve the validating admission webhooks over HTTPS on this port "
+                             "(env GPUPOOL_ADMISSION_PORT; 0 = off; the other GPUPOOL_ADMISSION_* "
+                             "settings are described in gpupool.admission)")
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
 
     import kopf
 
     import gpupool.handlers  # noqa: F401 - registers the handlers
+    from gpupool import admission
+
+    if args.admission_port:
+        admission.register(admission.AdmissionOptions.from_env(args.admission_port,
+                                                               args.namespace))
 
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -41,7 +52,13 @@ def _gateway(argv: list[str]) -> int:
     return gateway_main(argv)
 
 
-COMMANDS = {"operator": _operator, "gateway": _gateway}
+def _api(argv: list[str]) -> int:
+    from gpupool.api.cli import main as api_main
+
+    return api_main(argv)
+
+
+COMMANDS = {"operator": _operator, "gateway": _gateway, "api": _api}
 
 
 def main(argv: list[str] | None = None) -> int:

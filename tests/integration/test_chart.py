@@ -348,6 +348,70 @@ def test_watch_namespaces_render_roles(helm_bin: Path, tmp_path: Path) -> None:
     assert len(find(docs, "NetworkPolicy")) == 2
 
 
+def admission_rule(rules: list[Obj]) -> Obj:
+    """The one rule narrowed by resourceNames: the operator's right on the chart's own
+    ValidatingWebhookConfiguration (admission.enabled)."""
+    [rule] = [r for r in rules if r.get("resourceNames")]
+    return rule
+
+
+def test_admission_render(helm_bin: Path) -> None:
+    """admission.enabled: the webhook Service, the configuration (caBundle left to the operator),
+    the operator's env and port, and one more cluster rule."""
+    name = "gpupool-operator-gpupool.gpupool.dev"
+    docs = render(helm_bin, "--set", "admission.enabled=true")
+    op = one(docs, "Deployment", "gpupool-operator")
+    c = container(op)
+    env = env_of(c)
+    assert env["GPUPOOL_ADMISSION_PORT"]["value"] == "9443"
+    assert env["GPUPOOL_ADMISSION_CONFIGURATION"]["value"] == name
+    assert env["GPUPOOL_ADMISSION_SERVICE"]["value"] == "gpupool/gpupool-operator-admission"
+    assert "GPUPOOL_ADMISSION_CERT_DIR" not in env, "self-signed by default"
+    svc = one(docs, "Service", "gpupool-operator-admission")
+    assert svc["spec"]["ports"][0]["port"] == 443
+    assert service_target(svc, op, "admission") == 9443
+    assert svc["metadata"]["labels"]["gpupool.dev/service"] == "admission"  # never scraped
+
+    vwc = one(docs, "ValidatingWebhookConfiguration", name)
+    assert "namespace" not in vwc["metadata"]
+    hooks = {h["name"]: h for h in vwc["webhooks"]}
+    assert set(hooks) == {"pools.gpupool.dev", "subscriptions.gpupool.dev"}
+    for plural in ("pools", "subscriptions"):
+        hook = hooks[f"{plural}.gpupool.dev"]
+        assert hook["failurePolicy"] == "Ignore"
+        assert hook["sideEffects"] == "None"
+        assert "namespaceSelector" not in hook
+        [rule] = hook["rules"]
+        assert rule["resources"] == [plural]
+        assert rule["operations"] == ["CREATE", "UPDATE"]
+        # The path names the operator's handler; the caBundle is the operator's to write.
+        assert hook["clientConfig"] == {"service": {
+            "namespace": "gpupool", "name": "gpupool-operator-admission", "port": 443,
+            "path": f"/{plural}"}}
+
+    # The operator may read and patch that one configuration, by name: no create, no delete,
+    # no other webhook configuration. Everything else is as without admission.
+    rules = one(docs, "ClusterRole", "gpupool-operator")["rules"]
+    adm = admission_rule(rules)
+    assert adm == {"apiGroups": ["admissionregistration.k8s.io"],
+                   "resources": ["validatingwebhookconfigurations"],
+                   "resourceNames": [name], "verbs": ["get", "patch"]}
+    assert rule_set([r for r in rules if r is not adm]) == OPERATOR_NAMESPACED | OPERATOR_CLUSTER
+
+    # watchNamespaces: the rule is cluster-scoped, so it goes to the -cluster ClusterRole.
+    docs = render(helm_bin, "--set", "admission.enabled=true", "--set", "watchNamespaces={a}")
+    rules = one(docs, "ClusterRole", "gpupool-operator-cluster")["rules"]
+    assert admission_rule(rules)["resourceNames"] == [name]
+    assert rule_set([r for r in rules if not r.get("resourceNames")]) == OPERATOR_CLUSTER
+
+    # An operator outside the cluster: a URL instead of the Service, and no Service.
+    docs = render(helm_bin, "--set", "admission.enabled=true",
+                  "--set", "admission.url=https://127.0.0.1:9443/")
+    assert not find(docs, "Service", "gpupool-operator-admission")
+    hooks = {h["name"]: h for h in one(docs, "ValidatingWebhookConfiguration")["webhooks"]}
+    assert hooks["pools.gpupool.dev"]["clientConfig"] == {"url": "https://127.0.0.1:9443/pools"}
+
+
 def test_gateway_disabled_render(helm_bin: Path) -> None:
     docs = render(helm_bin, "--set", "gateway.enabled=false")
     assert not [d for d in docs if "gateway" in d["metadata"]["name"]]
@@ -407,7 +471,9 @@ def test_full_values_render(helm_bin: Path) -> None:
     assert {m["metadata"]["name"] for m in monitors} == {"gpupool-full-operator",
                                                          "gpupool-full-gateway"}
     services = find(docs, "Service")
-    assert len(services) == 3  # gateway, operator metrics, operator webhook
+    # gateway, operator metrics, operator webhook (Stripe), operator admission webhooks, and the
+    # REST API (values-full enables it; its render is checked in test_api_chart.py)
+    assert len(services) == 5
     # Where each process serves /metrics: the operator from its env, the gateway from its args.
     serves_metrics = {"gpupool-full-operator": (op, int(env["GPUPOOL_METRICS_PORT"]["value"])),
                       "gpupool-full-gateway": (gw, int(gc["args"][gc["args"].index(
@@ -429,6 +495,29 @@ def test_full_values_render(helm_bin: Path) -> None:
         "team-a", "team-b", "shared-models"}
     assert {r["metadata"]["namespace"] for r in find(docs, "Role")} == {"team-a", "team-b"}
 
+    # Admission webhooks on, with a certificate from a Secret (cert-manager's layout).
+    assert port_of(c, "admission") == 9444
+    assert env["GPUPOOL_ADMISSION_PORT"]["value"] == "9444"
+    assert env["GPUPOOL_ADMISSION_CERT_DIR"]["value"] == "/etc/gpupool/admission"
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["admission-cert"] == {"name": "admission-cert", "readOnly": True,
+                                        "mountPath": "/etc/gpupool/admission"}
+    volumes = {v["name"]: v for v in op["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["admission-cert"]["secret"] == {"secretName": "gpupool-admission-tls"}
+    admission = one(docs, "Service", "gpupool-full-operator-admission")
+    assert service_target(admission, op, "admission") == 9444
+    vwc = one(docs, "ValidatingWebhookConfiguration",
+              "gpupool-full-operator-gpupool.gpupool.dev")
+    for hook in vwc["webhooks"]:
+        assert hook["timeoutSeconds"] == 10
+        assert hook["namespaceSelector"] == {"matchLabels": {"gpupool.dev/admission": "on"}}
+    cluster_rules = one(docs, "ClusterRole", "gpupool-full-operator-cluster")["rules"]
+    assert admission_rule(cluster_rules) == {
+        "apiGroups": ["admissionregistration.k8s.io"],
+        "resources": ["validatingwebhookconfigurations"],
+        "resourceNames": ["gpupool-full-operator-gpupool.gpupool.dev"],
+        "verbs": ["get", "patch"]}
+
 
 SCHEMA_CASES = [
     ({"watchNamespcs": []}, "watchNamespcs"),
@@ -438,6 +527,8 @@ SCHEMA_CASES = [
     ({"image": {"pullPolicy": "Sometimes"}}, "image.pullPolicy"),
     ({"gateway": {"redis": {"url": "localhost:6379"}}}, "gateway.redis.url"),
     ({"stripe": {"existingSecrets": "billing"}}, "stripe.existingSecrets"),
+    ({"admission": {"failurePolicy": "Never"}}, "admission.failurePolicy"),
+    ({"admission": {"url": "http://operator:9443"}}, "admission.url"),
 ]
 
 
@@ -448,6 +539,9 @@ PORT_CASES = [
     ({"operator": {"ports": {"metrics": 8080}}}, "operator.ports.metrics"),
     ({"stripe": {"existingSecret": "billing"}, "operator": {"ports": {"webhook": 9090}}},
      "operator.ports.webhook"),
+    ({"admission": {"enabled": True, "port": 9090}}, "admission.port"),
+    ({"admission": {"enabled": True, "port": 8081}, "stripe": {"existingSecret": "billing"}},
+     "admission.port"),
     ({"gateway": {"ports": {"http": 8000}}}, "gateway.ports.http"),
     ({"gateway": {"ports": {"metrics": 9191}}}, "gateway.ports.metrics"),
     ({"gateway": {"extraArgs": ["--metrics-port=9191"]}}, "gateway.ports.metrics"),

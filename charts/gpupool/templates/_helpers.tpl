@@ -25,6 +25,11 @@
 {{- printf "%s-gateway" (include "gpupool.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* The ValidatingWebhookConfiguration (cluster-scoped): one per release and namespace. */}}
+{{- define "gpupool.admissionConfigurationName" -}}
+{{- printf "%s-%s.gpupool.dev" (include "gpupool.operatorName" .) .Release.Namespace | trunc 253 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "gpupool.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -122,6 +127,15 @@ process listens on, or when two of a container's ports collide.
 {{- if and .Values.stripe.existingSecret (has (int $op.ports.webhook) (list (int $op.ports.health) (int $op.ports.metrics))) }}
 {{- fail (printf "operator.ports.webhook (%v) collides with operator.ports.health or operator.ports.metrics" $op.ports.webhook) }}
 {{- end }}
+{{- if .Values.admission.enabled }}
+{{- $taken := list (int $op.ports.health) (int $op.ports.metrics) }}
+{{- if .Values.stripe.existingSecret }}
+{{- $taken = append $taken (int $op.ports.webhook) }}
+{{- end }}
+{{- if has (int .Values.admission.port) $taken }}
+{{- fail (printf "admission.port (%v) collides with operator.ports.health, operator.ports.metrics or (with billing on) operator.ports.webhook" .Values.admission.port) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{- define "gpupool.checkGatewayPorts" -}}
@@ -138,5 +152,52 @@ process listens on, or when two of a container's ports collide.
 {{- end }}
 {{- if eq (int $gw.ports.http) (int $gw.ports.metrics) }}
 {{- fail (printf "gateway.ports.http and gateway.ports.metrics are both %v: use two ports" $gw.ports.http) }}
+{{- end }}
+{{- end }}
+
+{{/* The REST API (api.enabled). */}}
+{{- define "gpupool.apiName" -}}
+{{- printf "%s-api" (include "gpupool.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "gpupool.apiSelectorLabels" -}}
+{{ include "gpupool.selectorLabels" . }}
+app.kubernetes.io/component: api
+{{- end }}
+
+{{- define "gpupool.apiServiceAccountName" -}}
+{{- if .Values.api.serviceAccount.create }}
+{{- default (include "gpupool.apiName" .) .Values.api.serviceAccount.name }}
+{{- else }}
+{{- required "api.serviceAccount.name is required when api.serviceAccount.create is false" .Values.api.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The namespace the API serves: api.namespace, else the first watched one, else the release's. */}}
+{{- define "gpupool.apiNamespace" -}}
+{{- if .Values.api.namespace }}
+{{- .Values.api.namespace }}
+{{- else if .Values.watchNamespaces }}
+{{- first .Values.watchNamespaces }}
+{{- else }}
+{{- .Release.Namespace }}
+{{- end }}
+{{- end }}
+
+{{/* Fail the render when the API's --port is not api.ports.http, or when it would serve a
+namespace the operator does not watch. */}}
+{{- define "gpupool.checkApi" -}}
+{{- $api := .Values.api }}
+{{- $args := concat $api.args $api.extraArgs }}
+{{- $http := include "gpupool.argValue" (dict "args" $args "flag" "--port") | default "8000" }}
+{{- if ne $http (toString $api.ports.http) }}
+{{- fail (printf "api.ports.http (%v) must equal the API's --port (%s) in api.args/extraArgs" $api.ports.http $http) }}
+{{- end }}
+{{- if include "gpupool.argValue" (dict "args" $args "flag" "--namespace") }}
+{{- fail "api.args/extraArgs must not pass --namespace: set api.namespace" }}
+{{- end }}
+{{- $ns := include "gpupool.apiNamespace" . }}
+{{- if and .Values.watchNamespaces (not (has $ns .Values.watchNamespaces)) }}
+{{- fail (printf "api.namespace (%s) must be one of watchNamespaces: the operator serves only those" $ns) }}
 {{- end }}
 {{- end }}

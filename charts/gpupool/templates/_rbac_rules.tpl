@@ -53,6 +53,15 @@ namespace is watched, otherwise into a Role in each watched namespace.
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
+{{- if .Values.admission.enabled }}
+# Admission webhooks: the operator reads the chart's ValidatingWebhookConfiguration and writes the
+# CA of the certificate it serves into its caBundle; that one object, by name. It cannot create
+# or delete webhook configurations.
+- apiGroups: ["admissionregistration.k8s.io"]
+  resources: ["validatingwebhookconfigurations"]
+  resourceNames: [{{ include "gpupool.admissionConfigurationName" . | quote }}]
+  verbs: ["get", "patch"]
+{{- end }}
 {{- end }}
 
 {{/* The gateway only lists and watches Secrets (those labelled gpupool.dev/kind); it never
@@ -61,4 +70,20 @@ reads one by name. */}}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["list", "watch"]
+{{- end }}
+
+{{/* The REST API (gpupool.api.backend): it reads Pools; creates Subscriptions, follows one
+(watch) until the operator decides, patches cancelAtPeriodEnd and its own annotations, and deletes
+one the operator refused; reads key Secrets and management-key Secrets by name (never lists
+them). One namespace: always a Role there. */}}
+{{- define "gpupool.apiRules" -}}
+- apiGroups: ["gpupool.dev"]
+  resources: ["pools"]
+  verbs: ["get", "list"]
+- apiGroups: ["gpupool.dev"]
+  resources: ["subscriptions"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
 {{- end }}
