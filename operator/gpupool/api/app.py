@@ -182,9 +182,13 @@ class Api:
                 raise ApiError(400, "A JSON request body is required")
             return None
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "The request body is not valid JSON") from None
+        if body is None:
+            # A literal JSON null is a body, and not the object every endpoint takes.
+            raise ApiError(400, "The request body must be a JSON object")
+        return body
 
     async def _pool(self, ref: str) -> Obj:
         pool: Obj | None = None
