@@ -13,6 +13,7 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from gpupool import GROUP, VERSION
+from gpupool.metrics import API_REQUESTS
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Kube:
         if body is not None:
             headers["Content-Type"] = content_type or "application/json"
         self.requests += 1
+        API_REQUESTS.labels(method, _resource_of(path)).inc()
         try:
             result = await self.api.call_api(
                 path, method, query_params=query or [], header_params=headers, body=body,
@@ -122,10 +124,16 @@ class Kube:
         await self.request("DELETE", self.core_path(plural, namespace, name, group))
 
     async def ensure(self, plural: str, body: Obj, group: str = "",
-                     compare: tuple[str, ...] = ("spec", "data", "metadata.labels")) -> Obj | None:
-        """Create ``body``, or merge-patch the parts named in ``compare`` that differ."""
+                     compare: tuple[str, ...] = ("spec", "data", "metadata.labels"),
+                     current: Obj | None = None, read: bool = True) -> Obj | None:
+        """Create ``body``, or merge-patch the parts named in ``compare`` that differ.
+
+        ``read=False``: no GET; ``current`` is the object as the caller knows it (a watch, an
+        earlier write or read; None: not there). If that is out of date, the create conflicts
+        or the patch finds nothing, and the object is read after all."""
         meta = body["metadata"]
-        current = await self.get(plural, meta["namespace"], meta["name"], group)
+        if read:
+            current = await self.get(plural, meta["namespace"], meta["name"], group)
         if current is None:
             try:
                 return await self.create(plural, meta["namespace"], body, group)
@@ -140,7 +148,19 @@ class Kube:
                 _put(patch, dotted, want)
         if not patch:
             return current
-        return await self.patch(plural, meta["namespace"], meta["name"], patch, group)
+        result = await self.patch(plural, meta["namespace"], meta["name"], patch, group)
+        if result is None and not read:
+            return await self.ensure(plural, body, group, compare)
+        return result
+
+
+def _resource_of(path: str) -> str:
+    """``secrets``, ``pools/status``, ...: the plural (and subresource) a request path names."""
+    parts = path.strip("/").split("/")
+    if "namespaces" in parts:
+        rest = parts[parts.index("namespaces") + 2:]
+        return rest[0] + (f"/{rest[2]}" if len(rest) > 2 else "") if rest else "namespaces"
+    return parts[-1] if parts else ""
 
 
 def _dig(obj: Obj, dotted: str) -> Any:

@@ -16,6 +16,10 @@ KEYS_OPEN = Gauge("gpupool_keys_open", "Open keys per pool", ["namespace", "pool
 GATE_FLIPS = Counter("gpupool_gate_flips_total", "Keys opened or closed", ["to"])
 TRANSITIONS = Counter("gpupool_subscription_transitions_total", "Subscription phase changes",
                       ["phase"])
+API_REQUESTS = Counter("gpupool_api_requests_total",
+                       "Kubernetes API requests the operator's own client sent (kopf's watches "
+                       "and its finalizer/annotation patches are not counted)",
+                       ["verb", "resource"])
 STRIPE_CALLS = Counter("gpupool_stripe_calls_total", "Stripe calls by operation and outcome",
                        ["operation", "outcome"])
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from gpupool import events, keys, ledger, names, workload
@@ -27,6 +31,9 @@ log = logging.getLogger(__name__)
 Obj = dict[str, Any]
 
 ACCEPTED = "Accepted"
+INVALID_SPEC = "InvalidSpec"
+LEDGER_INTERVAL = 0.5
+"""Seconds between two ledger writes of one pool, at least."""
 
 
 def claim_of(sub: Obj) -> ledger.Claim | None:
@@ -53,6 +60,15 @@ def claim_of(sub: Obj) -> ledger.Claim | None:
                         created=meta.get("creationTimestamp", ""),
                         blocks=blocks, quantity=quantity,
                         eligible=eligible)
+
+
+def spec_readable(pool: Obj | None) -> bool:
+    """Whether a pool's stored spec is one the operator can read (and so plan and write)."""
+    try:
+        parse_pool_spec((pool or {}).get("spec") or {})
+    except (ValidationError, ValueError):
+        return False
+    return True
 
 
 def deployment_ready(dep: Obj | None, desired: int) -> tuple[bool, int]:
@@ -99,7 +115,14 @@ def ledger_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, An
 
 async def reconcile_pool(ctl: Controller, key: tuple[str, str]) -> float | None:
     ns, name = key
+    # One ledger write per pool per LEDGER_INTERVAL at most: in a burst the claims that arrive
+    # meanwhile are admitted together, in one write of an object that grows with its holders.
+    wait = ctl.world.ledger_written.get(key, float("-inf")) + LEDGER_INTERVAL - time.monotonic()
+    if wait > 0:
+        await asyncio.sleep(wait)
+    # The ledger is planned from the object as stored, and written on its resourceVersion.
     pool = await ctl.kube.get_custom("pools", ns, name)
+    ctl.world.wrote(pool)
     if pool is None or pool["metadata"].get("deletionTimestamp"):
         for sub_key in ctl.world.sub_keys_of_pool(key):
             ctl.subs.add(sub_key)
@@ -109,15 +132,16 @@ async def reconcile_pool(ctl: Controller, key: tuple[str, str]) -> float | None:
     status: Obj = dict(pool.get("status") or {})
     now = ctl.clock()
     conds = status.get("conditions") or []
+    was_invalid = (get_condition(conds, "Ready") or {}).get("reason") == INVALID_SPEC
 
     try:
         spec = parse_pool_spec(pool.get("spec") or {})
         bad_args = workload.check_extra_args(spec.runtime.extra_args)
         bad_env = workload.check_env(spec.runtime.env)
     except (ValidationError, ValueError) as exc:
-        conds = set_condition(conds, "Ready", False, "InvalidSpec",
+        conds = set_condition(conds, "Ready", False, INVALID_SPEC,
                               describe_validation_error(exc), gen, now)
-        await _write(ctl, pool, {"conditions": conds, "observedGeneration": gen})
+        await _unreadable(ctl, pool, conds, was_invalid)
         return None
     if bad_args:
         conds = set_condition(
@@ -197,8 +221,10 @@ async def reconcile_pool(ctl: Controller, key: tuple[str, str]) -> float | None:
     if patch:
         # The ledger write is conditional on what was read: a concurrent writer makes this
         # raise Conflict and the queue re-plans from the fresh object.
-        await ctl.kube.patch_status("pools", ns, name, patch,
-                                    meta["resourceVersion"] if lp else None)
+        ctl.world.wrote(await ctl.kube.patch_status("pools", ns, name, patch,
+                                                    meta["resourceVersion"] if lp else None))
+        if lp:
+            ctl.world.ledger_written[key] = time.monotonic()
         ctl.metrics.seats(ns, name, reserved, capacity)
     if status.get("phase") != phase:
         log.info("pool %s/%s: %s -> %s", ns, name, status.get("phase"), phase)
@@ -208,7 +234,7 @@ async def reconcile_pool(ctl: Controller, key: tuple[str, str]) -> float | None:
     for sub_key in ctl.world.sub_keys_of_pool(key):
         sub = ctl.world.subs.get(sub_key) or {}
         waiting = planned.waiting.get(sub_key[1])
-        if phase_changed or sub_key[1] in touched or (lp and _pending(sub)) or (
+        if phase_changed or was_invalid or sub_key[1] in touched or (
                 waiting and _reason(sub) != waiting):
             ctl.subs.add(sub_key)
     ctl.open_keys.add(key)
@@ -220,7 +246,8 @@ async def _claims(ctl: Controller, key: tuple[str, str],
     """The claims on this pool. A holder the watch has not delivered yet (right after a start,
     say) is read from the API server: seats are released only for a subscription that is really
     gone, canceled or being deleted, never for one the cache has not seen."""
-    subs = {s["metadata"]["name"]: s for s in ctl.world.subs_of_pool(key)}
+    subs = {k[1]: s for k in ctl.world.sub_keys_of_pool(key)
+            if (s := ctl.world.latest_sub(k)) is not None}
     for name, (uid, _) in held.items():
         if name in subs:
             continue
@@ -228,10 +255,6 @@ async def _claims(ctl: Controller, key: tuple[str, str],
         if sub is not None and sub["metadata"].get("uid") == uid:
             subs[name] = sub
     return [c for s in subs.values() if (c := claim_of(s)) is not None]
-
-
-def _pending(sub: Obj) -> bool:
-    return (sub.get("status") or {}).get("phase") in (None, "pending")
 
 
 def _reason(sub: Obj) -> str | None:
@@ -250,14 +273,26 @@ def _next_wakeup(spec: PoolSpec, reserved: Mapping[Block, int], now: datetime,
 
 
 async def _apply_workload(ctl: Controller, pool: Obj, spec: PoolSpec, desired: int) -> Obj | None:
+    """The pool's upstream-key Secret, Service and Deployment, as the spec wants them.
+
+    Nothing watches the Secret and the Service: once applied they are checked again when what
+    is wanted changes or after a resync interval, not on every pass. The Deployment is compared
+    with the watch's copy (or this process's last write) and written only when it differs."""
     meta = pool["metadata"]
     ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
     secret_name = names.upstream_key_secret_name(name)
-    if await ctl.kube.get("secrets", ns, secret_name) is None:
-        await ctl.kube.ensure("secrets", keys.build_upstream_key_secret(
-            namespace=ns, pool=name, pool_uid=uid, api_key=keys.mint_key()),
-            compare=("metadata.labels",))
-    await ctl.kube.ensure("services", workload.build_service(name, ns, uid, spec))
+    ttl = ctl.resync_seconds
+    if not ctl.world.applied_recently(("upstream-key", ns, secret_name), uid, ttl):
+        if await ctl.kube.get("secrets", ns, secret_name) is None:
+            await ctl.kube.ensure("secrets", keys.build_upstream_key_secret(
+                namespace=ns, pool=name, pool_uid=uid, api_key=keys.mint_key()),
+                compare=("metadata.labels",))
+        ctl.world.applied(("upstream-key", ns, secret_name), uid)
+    service = workload.build_service(name, ns, uid, spec)
+    fingerprint = json.dumps(service, sort_keys=True)
+    if not ctl.world.applied_recently(("service", ns, name), fingerprint, ttl):
+        await ctl.kube.ensure("services", service)
+        ctl.world.applied(("service", ns, name), fingerprint)
     body = workload.build_deployment(name, ns, uid, spec, desired, secret_name)
     # ensure() merge-patches, which keeps whatever the patch does not mention: a field taken out
     # of the Pool (node selector, tolerations, ...) must be sent as null to leave the pods.
@@ -265,8 +300,12 @@ async def _apply_workload(ctl: Controller, pool: Obj, spec: PoolSpec, desired: i
     for field in workload.OPTIONAL_POD_SPEC_FIELDS:
         pod_spec.setdefault(field, None)
     # The Deployment's spec-hash annotation must follow its template, so it is compared too.
-    return await ctl.kube.ensure("deployments", body, group="apps/v1",
-                                 compare=("spec", "metadata.labels", "metadata.annotations"))
+    cached = ctl.world.latest("Deployment", (ns, body["metadata"]["name"]))
+    dep = await ctl.kube.ensure("deployments", body, group="apps/v1",
+                                compare=("spec", "metadata.labels", "metadata.annotations"),
+                                current=cached, read=cached is None)
+    ctl.world.wrote(dep)
+    return dep
 
 
 async def _workload_conditions(ctl: Controller, pool: Obj, spec: PoolSpec, phase: str,
@@ -306,8 +345,40 @@ async def _workload_conditions(ctl: Controller, pool: Obj, spec: PoolSpec, phase
     return set_condition(conds, "Progressing", True, reason, message, gen, now)
 
 
-async def _write(ctl: Controller, pool: Obj, patch: Obj) -> None:
-    meta = pool["metadata"]
-    current = pool.get("status") or {}
-    if any(current.get(k) != v for k, v in patch.items()):
-        await ctl.kube.patch_status("pools", meta["namespace"], meta["name"], patch)
+async def _unreadable(ctl: Controller, pool: Obj, conds: list[Obj], was_invalid: bool) -> None:
+    """A stored spec the operator cannot read (written around the schema, or under an older,
+    looser CRD). The workload runs on as it was and no seat is sold, but holders that are gone,
+    canceled or being deleted still give their seats back (a deletion waits for that), and the
+    subscriptions are told when the spec turns unreadable and again when it is fixed."""
+    meta, status = pool["metadata"], pool.get("status") or {}
+    key = (meta["namespace"], meta["name"])
+    old_raw = status.get("ledger") or {}
+    old = ledger.parse_ledger(old_raw)
+    planned = ledger.plan({}, old, await _claims(ctl, key, old), admitting=False)
+    lp = ledger_patch(old_raw, ledger.dump_ledger(planned.ledger))
+    patch: Obj = {k: v for k, v in (("conditions", conds),
+                                    ("observedGeneration", meta.get("generation")))
+                  if status.get(k) != v}
+    if lp:
+        reserved = planned.reserved()
+        patch["ledger"] = lp
+        patch["pledgedSlots"] = planned.pledged_slots()
+        patch["seats"] = {b: {"reserved": reserved[Block(b)]} for b in status.get("seats") or {}}
+    try:
+        if patch:
+            ctl.world.wrote(await ctl.kube.patch_status("pools", key[0], key[1], patch,
+                                                        meta["resourceVersion"] if lp else None))
+    except ApiException as exc:
+        if exc.status != 422:
+            raise
+        # The API server validates the whole object on a status write: a spec that fails the
+        # CRD's schema as it is now (tightened since the spec was stored) blocks every status
+        # write. An Event says what is wrong, once per generation; a spec change retries.
+        message = str((get_condition(conds, "Ready") or {}).get("message", ""))
+        if not ctl.world.applied_recently(("invalid-spec", *key), str(meta.get("generation")),
+                                          float("inf")):
+            await events.post(ctl.kube, pool, INVALID_SPEC, message, "Warning")
+            ctl.world.applied(("invalid-spec", *key), str(meta.get("generation")))
+    for sub_key in ctl.world.sub_keys_of_pool(key):
+        if not was_invalid or sub_key[1] in planned.released:
+            ctl.subs.add(sub_key)

@@ -37,6 +37,7 @@ NO_PAYMENT_METHOD = "No payment method found — add a card first"
 PAYMENT_METHOD_RECHECK = 30.0
 RESERVATION_DUE = "ReservationFeeDue"
 RESERVATION_RETRY = 300.0
+POOL_SPEC_VALID = "PoolSpecValid"
 
 
 def add_months(at: datetime, months: int) -> datetime:
@@ -83,7 +84,8 @@ class Pass:
         patch = {k: v for k, v in self.status.items() if self.old.get(k) != v}
         patch.update({k: None for k in self.old if k not in self.status})
         if patch:
-            await self.ctl.kube.patch_status("subscriptions", self.ns, self.name, patch)
+            self.ctl.world.wrote(await self.ctl.kube.patch_status("subscriptions", self.ns,
+                                                                  self.name, patch))
         before, after = self.old.get("phase"), self.status.get("phase")
         if before != after:
             log.info("subscription %s/%s: %s -> %s", self.ns, self.name, before, after)
@@ -95,8 +97,24 @@ class Pass:
         self.cond("SeatsHeld", False, reason, message)
 
 
+async def _read(ctl: Controller, kind: str, plural: str, key: tuple[str, str]) -> Obj | None:
+    """The subscription or its pool as this pass starts from.
+
+    With billing on, from the API server: a step that moves money must see the step recorded
+    last. Off, the world's copy (the watch's, or this operator's own last write, whichever is
+    newer) serves: the pool's ledger was written by this process, and the watch brings the rest.
+    """
+    if not ctl.billing.enabled:
+        cached = ctl.world.latest(kind, key)
+        if cached is not None:
+            return cached
+    obj = await ctl.kube.get_custom(plural, *key)
+    ctl.world.wrote(obj)
+    return obj
+
+
 async def reconcile_subscription(ctl: Controller, key: tuple[str, str]) -> float | None:
-    sub = await ctl.kube.get_custom("subscriptions", *key)
+    sub = await _read(ctl, "Subscription", "subscriptions", key)
     if sub is None or sub["metadata"].get("deletionTimestamp"):
         return None
     p = Pass(ctl, sub)
@@ -123,7 +141,7 @@ async def reconcile_subscription(ctl: Controller, key: tuple[str, str]) -> float
         return None
     pool_name = pinned or spec.pool_ref.name
     spec = _held_terms(p, spec)
-    pool = await ctl.kube.get_custom("pools", p.ns, pool_name)
+    pool = await _read(ctl, "Pool", "pools", (p.ns, pool_name))
     await _run(p, spec, pool)
     await p.save()
     return p.again
@@ -170,9 +188,18 @@ async def _run(p: Pass, spec: SubscriptionSpec, pool: Obj | None) -> None:
     try:
         pool_spec = parse_pool_spec(pool.get("spec") or {})
     except (ValidationError, ValueError):
-        await _lose_seats(p, "PoolInvalid", f"pool {spec.pool_ref.name} has an invalid spec; "
-                          "see its Ready condition")
+        message = f"pool {spec.pool_ref.name} has an invalid spec; see its Ready condition"
+        if holding is not None:
+            # Its workload runs on as it was and its ledger stands: what was bought stays as it
+            # is (seats, key, gate, phase) until the spec is fixed; the status says why nothing
+            # moves meanwhile.
+            p.cond(POOL_SPEC_VALID, False, "PoolInvalid", f"{message}; the seats, key and gate "
+                   "held stay as they are until it is fixed")
+            return
+        await _lose_seats(p, "PoolInvalid", message)
         return
+    p.status["conditions"] = [c for c in p.status.get("conditions") or []
+                              if c.get("type") != POOL_SPEC_VALID]
     _prices(p, spec, pool_spec, blocks, holding)
     pool_phase = (pool.get("status") or {}).get("phase") or "draft"
     activated = bool((pool.get("status") or {}).get("activatedAt"))
@@ -197,7 +224,9 @@ async def _run(p: Pass, spec: SubscriptionSpec, pool: Obj | None) -> None:
 def _holding(p: Pass, pool: Obj | None) -> ledger.Holding | None:
     if pool is None:
         return None
-    entry = ledger.parse_ledger((pool.get("status") or {}).get("ledger")).get(p.name)
+    # This subscription's entry alone: a pool's ledger has one per holder.
+    raw = ((pool.get("status") or {}).get("ledger") or {}).get(p.name)
+    entry = ledger.parse_ledger({p.name: raw}).get(p.name) if raw is not None else None
     if entry is None or entry[0] != p.meta.get("uid"):
         return None
     return entry[1]
@@ -478,7 +507,11 @@ async def _ensure_key(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, pool
                       blocks: tuple[Block, ...], *, mint: bool) -> None:
     ctl = p.ctl
     secret_name = names.key_secret_name(p.name)
-    current = await ctl.kube.get("secrets", p.ns, secret_name)
+    # The key is read back, never minted twice: from the watch (or this process's own write),
+    # else from the API server.
+    current = ctl.world.latest("Secret", (p.ns, secret_name))
+    if current is None:
+        current = await ctl.kube.get("secrets", p.ns, secret_name)
     if current is None and not mint:
         p.status["gate"] = "closed"
         return
@@ -487,10 +520,9 @@ async def _ensure_key(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, pool
     rotated = current is not None and existing.get("rotation", "") != rotation
     api_key = existing.get("apiKey") if current is not None and not rotated else None
     generation = int(existing.get("keyGeneration", "0")) + (1 if rotated else 0)
+    minted = api_key is None
     if api_key is None:
         api_key = keys.mint_key()
-        await events.post(ctl.kube, p.sub, "KeyRotated" if rotated else "KeyIssued",
-                          f"API key issued in Secret {secret_name}")
     kid = keys.key_id(p.meta["uid"], generation)
     phase = p.status["phase"]
     gate = gate_state(phase, pool_phase, blocks, p.now)
@@ -501,9 +533,14 @@ async def _ensure_key(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, pool
         served_model_name=pool_spec.model.id, sub_phase=phase, pool_phase=pool_phase)
     data["rotation"] = rotation
     data["keyGeneration"] = str(generation)
-    await ctl.kube.ensure("secrets", keys.build_key_secret(
+    ctl.world.wrote(await ctl.kube.ensure("secrets", keys.build_key_secret(
         namespace=p.ns, subscription=p.name, subscription_uid=p.meta["uid"],
-        pool=spec.pool_ref.name, gate=gate, data=data), compare=("data", "metadata.labels"))
+        pool=spec.pool_ref.name, gate=gate, data=data), compare=("data", "metadata.labels"),
+        current=current, read=False))
+    if minted:
+        # Said once the Secret holds it: a pass cut short before that mints again, unsaid.
+        await events.post(ctl.kube, p.sub, "KeyRotated" if rotated else "KeyIssued",
+                          f"API key issued in Secret {secret_name}")
     p.status["keySecretName"] = secret_name
     p.status["keyId"] = kid
     p.cond("KeyIssued", True, "KeyIssued", f"Secret {secret_name}")
@@ -514,6 +551,7 @@ async def _drop_key(p: Pass) -> None:
     secret_name = p.status.get("keySecretName") or names.key_secret_name(p.name)
     if await p.ctl.kube.get("secrets", p.ns, secret_name) is not None:
         await p.ctl.kube.delete("secrets", p.ns, secret_name)
+        p.ctl.world.forget("Secret", (p.ns, secret_name))
         await events.post(p.ctl.kube, p.sub, "KeyRevoked", f"Secret {secret_name} deleted")
     p.status.pop("keySecretName", None)
     p.status.pop("keyId", None)

@@ -2,21 +2,38 @@
 
 Reconciles read it to find related objects (a pool's subscriptions, a subscription's key)
 without list calls; the ledger and billing steps re-read their own object from the API server.
+
+Next to what the watches delivered it keeps, for a short while, what the operator's own writes
+returned (``wrote``): ``latest`` answers with whichever copy has the higher resourceVersion, so a
+reconcile that runs right after a write (before its watch event has arrived) sees that write and
+does not repeat it or act on the state before it.
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 Key = tuple[str, str]
 Obj = dict[str, Any]
 
+WRITTEN_TTL = 60.0
+"""Seconds a written copy is kept at most: by then its watch event has long arrived, or the
+object is gone (a deletion the operator did not make, which only the watch reports)."""
+
 
 def key_of(body: Mapping[str, Any]) -> Key:
     meta = body.get("metadata", {})
     return (meta.get("namespace", ""), meta.get("name", ""))
+
+
+def resource_version(body: Mapping[str, Any] | None) -> int | None:
+    try:
+        return int((body or {}).get("metadata", {}).get("resourceVersion", ""))
+    except (TypeError, ValueError):
+        return None
 
 
 def pool_ref_of(sub: Mapping[str, Any]) -> Key:
@@ -30,13 +47,34 @@ def pool_ref_of(sub: Mapping[str, Any]) -> Key:
     return (ref.get("namespace") or ns, ref.get("name", ""))
 
 
+def slim(body: Obj) -> Obj:
+    """``body`` without ``metadata.managedFields``: nothing here reads them, and they are about
+    half of what a cached Subscription or key Secret costs in memory (benchmarks/control_plane.py
+    at 5,000 subscriptions)."""
+    meta = body.get("metadata")
+    if not isinstance(meta, dict) or "managedFields" not in meta:
+        return body
+    return {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+
+
+class _Cache(dict[Key, Obj]):
+    """A watch-fed map that keeps its objects slim, however they are put in."""
+
+    def __setitem__(self, key: Key, body: Obj) -> None:
+        super().__setitem__(key, slim(body))
+
+
 class World:
     def __init__(self) -> None:
-        self.pools: dict[Key, Obj] = {}
-        self.subs: dict[Key, Obj] = {}
-        self.key_secrets: dict[Key, Obj] = {}
-        self.deployments: dict[Key, Obj] = {}
+        self.pools: dict[Key, Obj] = _Cache()
+        self.subs: dict[Key, Obj] = _Cache()
+        self.key_secrets: dict[Key, Obj] = _Cache()
+        self.deployments: dict[Key, Obj] = _Cache()
+        self.ledger_written: dict[Key, float] = {}
+        """When this process last wrote each pool's ledger (monotonic seconds)."""
         self._subs_by_pool: dict[Key, set[Key]] = defaultdict(set)
+        self._written: dict[tuple[str, Key], tuple[float, Obj]] = {}
+        self._applied: dict[Hashable, tuple[str, float]] = {}
 
     def put_sub(self, body: Obj) -> None:
         key = key_of(body)
@@ -47,6 +85,7 @@ class World:
         self._subs_by_pool[pool_ref_of(body)].add(key)
 
     def drop_sub(self, key: Key) -> None:
+        self._written.pop(("Subscription", key), None)
         old = self.subs.pop(key, None)
         if old is not None:
             self._subs_by_pool[pool_ref_of(old)].discard(key)
@@ -56,3 +95,66 @@ class World:
 
     def sub_keys_of_pool(self, pool: Key) -> list[Key]:
         return list(self._subs_by_pool.get(pool, ()))
+
+    # -- the operator's own writes ---------------------------------------------------------------
+    def _watched(self, kind: str) -> dict[Key, Obj]:
+        return {"Pool": self.pools, "Subscription": self.subs, "Secret": self.key_secrets,
+                "Deployment": self.deployments}.get(kind, {})
+
+    def wrote(self, body: Obj | None) -> None:
+        """Remember an object as a write (or a fresh read) of the operator returned it."""
+        if not body or resource_version(body) is None:
+            return
+        kind = str(body.get("kind", ""))
+        slot = (kind, key_of(body))
+        now = time.monotonic()
+        held = self._written.get(slot)
+        if held is None or _newer(body, held[1]):
+            self._written[slot] = (now, slim(body))
+        if len(self._written) > 128 and len(self._written) % 64 == 0:
+            # Copies the watch has caught up with (or that are old) are done with.
+            for gone in [k for k, (at, b) in self._written.items() if now - at > WRITTEN_TTL
+                         or not _newer(b, self._watched(k[0]).get(k[1]) or {})]:
+                del self._written[gone]
+
+    def forget(self, kind: str, key: Key) -> None:
+        """The operator deleted the object: its written copy no longer stands."""
+        self._written.pop((kind, key), None)
+
+    def latest(self, kind: str, key: Key) -> Obj | None:
+        """The newest copy of an object known here: the watch's, or the operator's own write.
+
+        A Pool or Subscription the watch does not hold is unknown (or deleted): None. Secrets
+        and Deployments the operator creates itself, so a written copy counts before the watch
+        has delivered it."""
+        watched = self._watched(kind).get(key)
+        held = self._written.get((kind, key))
+        if held is None:
+            return watched
+        at, written = held
+        stale = time.monotonic() - at > WRITTEN_TTL
+        if stale or (watched is not None and not _newer(written, watched)):
+            del self._written[(kind, key)]
+            return watched
+        if watched is None and kind in ("Pool", "Subscription"):
+            return None
+        return written
+
+    def latest_sub(self, key: Key) -> Obj | None:
+        return self.latest("Subscription", key)
+
+    # -- children the operator applies (no watch of their own) -----------------------------------
+    def applied_recently(self, what: Hashable, fingerprint: str, ttl: float) -> bool:
+        """Whether ``what`` was applied with this ``fingerprint`` less than ``ttl`` s ago."""
+        held = self._applied.get(what)
+        return held is not None and held[0] == fingerprint and time.monotonic() - held[1] < ttl
+
+    def applied(self, what: Hashable, fingerprint: str) -> None:
+        self._applied[what] = (fingerprint, time.monotonic())
+
+
+def _newer(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether ``a`` is a later version than ``b`` (unknown versions: no; anything is newer
+    than nothing)."""
+    ra, rb = resource_version(a), resource_version(b)
+    return ra is not None and (rb is None or ra > rb)
