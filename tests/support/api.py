@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import yaml
 from gpupool.devcluster import LocalCluster, cache_dir, service_account_token
 from support.kube import raw
 from support.objects import Objects
-from support.operator import LOG_DIR, ROOT
+from support.operator import LOG_DIR, ROOT, ChildProcess
 from support.waiting import wait_for
 
 Obj = dict[str, Any]
@@ -87,7 +86,7 @@ def scoped_kubeconfig(cluster: LocalCluster, kube: Any, namespace: str, path: Pa
     return cluster.write_kubeconfig(path, token=token, user="gpupool-api")
 
 
-class ApiProcess:
+class ApiProcess(ChildProcess):
     """``gpupool api`` in a subprocess; its log stays under LOG_DIR (the key-leak test reads it)."""
 
     def __init__(self, kubeconfig: Path, namespace: str, name: str,
@@ -124,21 +123,6 @@ class ApiProcess:
             return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
 
 
 def create_management_key(kubeconfig: Path | str, namespace: str, customer: str,

@@ -14,12 +14,13 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from support.waiting import wait_for
 
 START_DEADLINE_S = 15.0
 
@@ -79,14 +80,14 @@ def start_redis() -> Iterator[RedisServer]:
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     server = RedisServer(proc, port, workdir)
     try:
-        deadline = time.monotonic() + START_DEADLINE_S
-        while not _ping(port):
+        def answers() -> bool:
             if proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited with {proc.returncode}:\n"
                                    + server.log_tail())
-            if time.monotonic() > deadline:
-                raise TimeoutError("redis-server did not answer PING:\n" + server.log_tail())
-            time.sleep(0.05)  # poll interval
+            return _ping(port)
+
+        wait_for(answers, timeout=START_DEADLINE_S, interval=0.05,
+                 message=lambda: "redis-server did not answer PING:\n" + server.log_tail())
         yield server
     finally:
         if proc.poll() is None:

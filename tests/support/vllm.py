@@ -36,6 +36,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from support.waiting import wait_for
+
 REPO = Path(__file__).resolve().parents[2]
 MAKE_TINY_MODEL = REPO / "scripts" / "make_tiny_model.py"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -153,22 +155,19 @@ class VllmServer:
 
 def wait_healthy(server: VllmServer, deadline_s: float = START_DEADLINE_S) -> None:
     """Poll ``/health`` until it answers 200; fail early if vLLM exits, or at the deadline."""
-    started = time.monotonic()
-    end = started + deadline_s
     with httpx.Client(timeout=5.0) as client:
-        while True:
+        def healthy() -> bool:
             if not server.alive():
                 raise RuntimeError(
                     f"vLLM exited with {server.process.returncode} before /health answered:\n"
                     + server.log_tail())
             with contextlib.suppress(httpx.HTTPError):
-                if client.get(f"{server.base_url}/health").status_code == 200:
-                    return
-            if time.monotonic() > end:
-                raise TimeoutError(
-                    f"vLLM /health not 200 within {deadline_s:.0f} s:\n" + server.log_tail())
-            # Poll interval, not a wait for a result: the loop ends on /health or the deadline.
-            time.sleep(0.5)
+                return client.get(f"{server.base_url}/health").status_code == 200
+            return False
+
+        wait_for(healthy, timeout=deadline_s, interval=0.5,
+                 message=lambda: f"vLLM /health 200 within {deadline_s:.0f} s:\n"
+                 + server.log_tail())
 
 
 def start_vllm(
