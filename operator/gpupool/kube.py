@@ -1,66 +1,103 @@
-"""Storage: the only module that talks to the Kubernetes API (through kubernetes_asyncio).
+"""Storage: the only module that talks to the Kubernetes API, as plain JSON over aiohttp.
 
 Reads that must see the latest write (the ledger) go to the API server; everything else is
-driven from kopf's watch streams.
+driven from kopf's watch streams. Error messages name the request and the status, never the
+answer's body (an answer may quote an object, and a Secret's object holds a key).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
-from kubernetes_asyncio import client, config
-from kubernetes_asyncio.client.exceptions import ApiException
+import aiohttp
 
 from gpupool import GROUP, VERSION
+from gpupool.kubeconfig import Connection, load
 from gpupool.metrics import API_REQUESTS
 
 log = logging.getLogger(__name__)
 
 MERGE = "application/merge-patch+json"
 Obj = dict[str, Any]
+TIMEOUT = aiohttp.ClientTimeout(total=30, connect=10)
 
 
-class Conflict(Exception):
-    """The object changed since it was read (HTTP 409)."""
+class ApiError(Exception):
+    """The API server answered with an error (``status``), or could not be reached (0)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Conflict(ApiError):
+    """The object changed since it was read, or exists already (HTTP 409)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(409, message)
 
 
 class Kube:
-    def __init__(self, api: client.ApiClient) -> None:
-        self.api = api
+    def __init__(self, conn: Connection, connections: int = 64) -> None:
+        self.conn = conn
         self.requests = 0
+        self._limit = connections
+        self._session: aiohttp.ClientSession | None = None
 
     @classmethod
-    async def connect(cls) -> Kube:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            await config.load_kube_config()
-        return cls(client.ApiClient())
+    async def connect(cls, kubeconfig: str | None = None, context: str | None = None) -> Kube:
+        return cls(load(kubeconfig, context))
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # trust_env=False: no proxy or .netrc look-up on every request (a third of the
+            # operator's CPU in a burst, benchmarks/control_plane.py); the API server is direct.
+            self._session = aiohttp.ClientSession(
+                trust_env=False, timeout=TIMEOUT,
+                connector=aiohttp.TCPConnector(ssl=self.conn.ssl_context, limit=self._limit),
+                json_serialize=json.dumps)
+        return self._session
 
     async def close(self) -> None:
-        await self.api.close()
+        if self._session is not None:
+            await self._session.close()
 
     async def request(self, method: str, path: str, body: Any = None,
                       content_type: str | None = None,
                       query: list[tuple[str, str]] | None = None) -> Obj | None:
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = content_type or "application/json"
         self.requests += 1
         API_REQUESTS.labels(method, _resource_of(path)).inc()
-        try:
-            result = await self.api.call_api(
-                path, method, query_params=query or [], header_params=headers, body=body,
-                response_types_map={200: "object", 201: "object", 202: "object"},
-                auth_settings=["BearerToken"], _return_http_data_only=True,
-                _request_timeout=30)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            if exc.status == 409:
-                raise Conflict(f"{method} {path}: conflict") from None
-            raise
+        data = None if body is None else json.dumps(body).encode()
+        for attempt in (1, 2):
+            headers = {"Accept": "application/json"}
+            if data is not None:
+                headers["Content-Type"] = content_type or "application/json"
+            auth = self.conn.authorization()
+            if auth:
+                headers["Authorization"] = auth
+            try:
+                async with self._client().request(method, self.conn.server + path,
+                                                  params=query, data=data,
+                                                  headers=headers) as resp:
+                    status, raw = resp.status, await resp.read()
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise ApiError(0, f"{method} {path}: API server unreachable "
+                                  f"({type(exc).__name__})") from None
+            if status == 401 and attempt == 1:
+                self.conn.expire()
+                continue
+            break
+        if status == 404:
+            return None
+        if status == 409:
+            raise Conflict(f"{method} {path}: conflict")
+        if status >= 400:
+            raise ApiError(status, f"{method} {path}: HTTP {status} {_reason(raw)}".rstrip())
+        if not raw:
+            return None
+        result = json.loads(raw)
         return result if isinstance(result, dict) else None
 
     # -- paths -------------------------------------------------------------------------------
@@ -152,6 +189,15 @@ class Kube:
         if result is None and not read:
             return await self.ensure(plural, body, group, compare)
         return result
+
+
+def _reason(raw: bytes) -> str:
+    """The ``reason`` of a Status answer (``Invalid``, ``Forbidden``...), never its message."""
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        return ""
+    return str(answer.get("reason") or "") if isinstance(answer, dict) else ""
 
 
 def _resource_of(path: str) -> str:

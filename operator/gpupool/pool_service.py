@@ -10,12 +10,12 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from gpupool import events, keys, ledger, names, workload
 from gpupool.blocks import BLOCK_ORDER, Block, normalize_blocks
 from gpupool.conditions import get_condition, iso, set_condition
+from gpupool.kube import ApiError
 from gpupool.models import (
     PoolSpec,
     describe_validation_error,
@@ -368,7 +368,7 @@ async def _unreadable(ctl: Controller, pool: Obj, conds: list[Obj], was_invalid:
         if patch:
             ctl.world.wrote(await ctl.kube.patch_status("pools", key[0], key[1], patch,
                                                         meta["resourceVersion"] if lp else None))
-    except ApiException as exc:
+    except ApiError as exc:
         if exc.status != 422:
             raise
         # The API server validates the whole object on a status write: a spec that fails the

@@ -52,6 +52,7 @@ from gpupool import names
 from gpupool.api import mgmt_keys, views
 from gpupool.api.backend import Backend
 from gpupool.api.openapi import document
+from gpupool.kube import ApiError as KubeError
 from gpupool.kube import Conflict
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class Api:
                 response = error(exc.status, exc.message, exc.headers)
             except views.BadRequest as exc:
                 response = error(400, str(exc))
-            except ApiException as exc:
+            except (ApiException, KubeError) as exc:
                 # Never the exception's text: an API server answer may quote an object.
                 log.error("%s %s: Kubernetes API error %s", request.method, request.url.path,
                           exc.status)
@@ -281,7 +282,7 @@ class Api:
         if not verdict.accepted:
             log.info("subscription %s/%s refused (%d): deleting it", self.backend.ns, name,
                      verdict.status)
-            with contextlib.suppress(ApiException, Conflict):
+            with contextlib.suppress(ApiException, KubeError):
                 await self.backend.delete_subscription(name)
             raise ApiError(verdict.status, verdict.message)
         return ok(await self._view(final, pool["metadata"]["uid"]), 201)

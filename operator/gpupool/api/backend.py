@@ -43,14 +43,15 @@ async def api_client(kubeconfig: str | None = None, context: str | None = None
 class Backend:
     """Pools, Subscriptions and Secrets of one namespace."""
 
-    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+    def __init__(self, api: client.ApiClient, namespace: str, kube: Kube) -> None:
         self.api = api
-        self.kube = Kube(api)
+        self.kube = kube
         self.ns = namespace
         self.custom = client.CustomObjectsApi(api)
 
     async def close(self) -> None:
         await self.api.close()
+        await self.kube.close()
 
     # -- reads ---------------------------------------------------------------------------------
     async def pools(self) -> list[Obj]:

@@ -64,8 +64,10 @@ async def _serve(args: argparse.Namespace) -> int:
 
     from gpupool.api.app import Api
     from gpupool.api.backend import Backend, api_client
+    from gpupool.kube import Kube
 
-    backend = Backend(await api_client(args.kubeconfig, args.context), args.namespace)
+    backend = Backend(await api_client(args.kubeconfig, args.context), args.namespace,
+                      await Kube.connect(args.kubeconfig, args.context))
     api = Api(backend, decision_timeout=args.decision_timeout)
     server = uvicorn.Server(uvicorn.Config(
         api.app(), host=args.host, port=args.port, lifespan="off", loop="none",
@@ -95,10 +97,9 @@ def _key_parser(command: str) -> argparse.ArgumentParser:
 
 
 async def _create_key(args: argparse.Namespace) -> int:
-    from gpupool.api.backend import api_client
     from gpupool.kube import Conflict, Kube
 
-    kube = Kube(await api_client(args.kubeconfig, args.context))
+    kube = await Kube.connect(args.kubeconfig, args.context)
     try:
         key = mgmt_keys.mint()
         body = mgmt_keys.build_secret(key, namespace=args.namespace, customer_id=args.customer,
@@ -118,13 +119,12 @@ async def _create_key(args: argparse.Namespace) -> int:
 
 
 async def _revoke_key(args: argparse.Namespace) -> int:
-    from gpupool.api.backend import api_client
     from gpupool.kube import Kube
 
     if not mgmt_keys.KEY_ID_SHAPE.match(args.key_id):
         print("gpupool api revoke-key: --key-id is mkid_ and 16 hex digits", file=sys.stderr)
         return 2
-    kube = Kube(await api_client(args.kubeconfig, args.context))
+    kube = await Kube.connect(args.kubeconfig, args.context)
     try:
         selector = f"{mgmt_keys.names.LABEL_KIND}={mgmt_keys.KIND}"
         for secret in await kube.list("secrets", args.namespace, label_selector=selector):
