@@ -10,6 +10,7 @@ from collections.abc import Callable, Hashable
 from datetime import datetime
 from typing import Any
 
+from gpupool import names
 from gpupool.billing_port import Billing, NoBilling
 from gpupool.blocks import utcnow
 from gpupool.gates import GateKeeper
@@ -94,3 +95,8 @@ class Controller:
                 self.pools.add(key)
             for key in list(self.world.subs):
                 self.subs.add(key)
+            for ns, secret in list(self.world.key_secrets):
+                sub = (self.world.key_secrets[(ns, secret)].get("metadata", {}).get("labels")
+                       or {}).get(names.LABEL_SUBSCRIPTION)
+                if sub and (ns, sub) not in self.world.subs:
+                    self.subs.add((ns, sub))  # a key Secret whose subscription may be gone

@@ -81,7 +81,9 @@ class GateKeeper:
         if fields["nextGateChangeAt"] is None:
             p.status.pop("nextGateChangeAt", None)
         if p.old.get("gate") != gate:
-            await self._announce(p.sub, gate)
+            self.ctl.metrics.gate_flip(gate)
+            p.note("KeyOpened" if gate == OPEN else "KeyClosed",
+                   f"API key {'opened' if gate == OPEN else 'closed'}")
         pool_name = (p.sub.get("spec") or {}).get("poolRef", {}).get("name", "")
         self.ctl.open_keys.add((p.ns, pool_name))
 

@@ -12,8 +12,7 @@ import kopf
 from gpupool import GROUP, VERSION, names
 from gpupool.controller import Controller
 from gpupool.kube import Kube
-from gpupool.ledger import parse_ledger
-from gpupool.pool_service import claim_of, spec_readable
+from gpupool.pool_service import claim_of
 from gpupool.world import key_of, pool_ref_of
 
 log = logging.getLogger(__name__)
@@ -96,6 +95,8 @@ async def subscription_event(type: str, body: kopf.Body, memo: Any,
     if type == "DELETED":
         ctl.world.drop_sub(key)
         ctl.pools.add(pool_ref_of(new))
+        ctl.subs.add(key)  # its key Secret goes now
+        ctl.open_keys.add(pool_ref_of(new))
         return
     ctl.world.put_sub(new)
     ctl.subs.add(key)
@@ -107,32 +108,6 @@ async def subscription_event(type: str, body: kopf.Body, memo: Any,
         ctl.pools.add(pool_ref_of(new))
         if old is not None and pool_ref_of(old) != pool_ref_of(new):
             ctl.pools.add(pool_ref_of(old))
-
-
-@kopf.on.delete(GROUP, VERSION, "subscriptions")
-async def subscription_deleted(body: kopf.Body, memo: Any, **_: Any) -> None:
-    """Deleting a Subscription cancels it at once: billing stops, the key goes, seats free up."""
-    ctl = _ctl(memo)
-    meta = body["metadata"]
-    status = body.get("status") or {}
-    sub_id = (status.get("billing") or {}).get("subscriptionId")
-    if sub_id and ctl.billing.enabled and (status.get("billing") or {}).get("status") != "canceled":
-        await ctl.billing.cancel_now(sub_id)
-        await ctl.kube.patch_status("subscriptions", meta["namespace"], meta["name"],
-                                    {"billing": {"status": "canceled"}})
-    secret = names.key_secret_name(meta["name"])
-    if await ctl.kube.get("secrets", meta["namespace"], secret) is not None:
-        await ctl.kube.delete("secrets", meta["namespace"], secret)
-    pool_key = pool_ref_of(dict(body))
-    pool = await ctl.kube.get_custom("pools", *pool_key)
-    held = parse_ledger(((pool or {}).get("status") or {}).get("ledger")).get(meta["name"])
-    # A pool whose spec cannot be read cannot write its ledger either; it releases the seats of
-    # a subscription that is gone once it is fixed, so the deletion need not wait for that.
-    if held is not None and held[0] == meta.get("uid") and spec_readable(pool):
-        ctl.world.put_sub(dict(body))
-        ctl.pools.add(pool_key)
-        raise kopf.TemporaryError("waiting for the pool to release the seats", delay=1)
-    ctl.open_keys.add(pool_key)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)

@@ -36,8 +36,12 @@ LEDGER_INTERVAL = 0.5
 """Seconds between two ledger writes of one pool, at least."""
 
 
-def claim_of(sub: Obj) -> ledger.Claim | None:
-    """How the planner sees a subscription; None when its spec cannot be read at all."""
+def claim_of(sub: Obj, preaccept: bool = False) -> ledger.Claim | None:
+    """How the planner sees a subscription; None when its spec cannot be read at all.
+
+    ``preaccept`` (billing off): a new subscription in the pool's namespace is a claim before
+    its own reconcile has said Accepted; nothing it decides (a payment method) can refuse it
+    that the planner does not check itself (blocks offered, room left)."""
     meta = sub.get("metadata", {})
     spec = sub.get("spec") or {}
     status = sub.get("status") or {}
@@ -51,11 +55,12 @@ def claim_of(sub: Obj) -> ledger.Claim | None:
         # Seats are sold as bought: once held, the held blocks and quantity are the claim.
         blocks = normalize_blocks(status["heldBlocks"])
         quantity = int(status.get("heldQuantity") or quantity)
-    eligible = (
-        not meta.get("deletionTimestamp")
-        and status.get("phase") != "canceled"
-        and bool(accepted and accepted.get("status") == "True")
-    )
+    if accepted is None:
+        same_ns = (parsed.pool_ref.namespace or meta.get("namespace")) == meta.get("namespace")
+        ok = preaccept and same_ns and not status.get("phase")
+    else:
+        ok = accepted.get("status") == "True"
+    eligible = not meta.get("deletionTimestamp") and status.get("phase") != "canceled" and ok
     return ledger.Claim(name=meta["name"], uid=meta.get("uid", ""),
                         created=meta.get("creationTimestamp", ""),
                         blocks=blocks, quantity=quantity,
@@ -254,7 +259,8 @@ async def _claims(ctl: Controller, key: tuple[str, str],
         sub = await ctl.kube.get_custom("subscriptions", key[0], name)
         if sub is not None and sub["metadata"].get("uid") == uid:
             subs[name] = sub
-    return [c for s in subs.values() if (c := claim_of(s)) is not None]
+    preaccept = not ctl.billing.enabled
+    return [c for s in subs.values() if (c := claim_of(s, preaccept)) is not None]
 
 
 def _reason(sub: Obj) -> str | None:

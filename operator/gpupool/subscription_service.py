@@ -3,8 +3,10 @@ each step once, keep its key and gate right. Each pass starts from the object as
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import logging
+from collections.abc import Awaitable
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -15,6 +17,7 @@ from gpupool import events, keys, ledger, names
 from gpupool.blocks import Block, normalize_blocks
 from gpupool.conditions import get_condition, iso, set_condition
 from gpupool.gate import gate_state, next_gate_change
+from gpupool.kube import Conflict
 from gpupool.models import (
     PoolSpec,
     SubscriptionSpec,
@@ -22,9 +25,10 @@ from gpupool.models import (
     parse_pool_spec,
     parse_subscription_spec,
 )
-from gpupool.pool_service import ACCEPTED
+from gpupool.pool_service import ACCEPTED, spec_readable
 from gpupool.pricing import cycle_amount, format_money, hour_slots, monthly_price, slot_count
 from gpupool.workqueue import RetryLater
+from gpupool.world import pool_ref_of
 
 if TYPE_CHECKING:
     from gpupool.controller import Controller
@@ -38,6 +42,14 @@ PAYMENT_METHOD_RECHECK = 30.0
 RESERVATION_DUE = "ReservationFeeDue"
 RESERVATION_RETRY = 300.0
 POOL_SPEC_VALID = "PoolSpecValid"
+FRESH_SECONDS = 10.0
+"""How long a new subscription waits for its pool to seat it before saying it is pending."""
+NOTE_RANK = {"KeyIssued": 0, "KeyRotated": 0, "KeyRevoked": 0, "PhaseChanged": 1}
+"""Which reason names a pass's one Event when several things happened (lowest first)."""
+
+
+async def _maybe(write: Awaitable[Obj | None] | None) -> Obj | None:
+    return None if write is None else await write
 
 
 def add_months(at: datetime, months: int) -> datetime:
@@ -70,6 +82,9 @@ class Pass:
         self.status["billing"] = dict(self.status["billing"])
         self.now = ctl.clock()
         self.again: float | None = None
+        self.notes: list[tuple[str, str, str]] = []
+        self.defer = False
+        """Write nothing this pass: the pool's next pass decides and wakes this one again."""
 
     # -- status helpers ------------------------------------------------------------------------
     def cond(self, type_: str, ok: bool, reason: str, message: str) -> None:
@@ -79,18 +94,37 @@ class Pass:
     def wake(self, seconds: float) -> None:
         self.again = seconds if self.again is None else min(self.again, seconds)
 
+    def note(self, reason: str, message: str, type_: str = "Normal") -> None:
+        """Something worth an Event happened; one Event per pass says all of it (save)."""
+        self.notes.append((reason, message, type_))
+
     async def save(self) -> None:
+        if self.defer:
+            return
         self.status["observedGeneration"] = self.gen
         patch = {k: v for k, v in self.status.items() if self.old.get(k) != v}
         patch.update({k: None for k in self.old if k not in self.status})
-        if patch:
-            self.ctl.world.wrote(await self.ctl.kube.patch_status("subscriptions", self.ns,
-                                                                  self.name, patch))
         before, after = self.old.get("phase"), self.status.get("phase")
         if before != after:
             log.info("subscription %s/%s: %s -> %s", self.ns, self.name, before, after)
-            await events.post(self.ctl.kube, self.sub, "PhaseChanged", f"{before} -> {after}")
+            self.notes.insert(0, ("PhaseChanged", f"{before} -> {after}", "Normal"))
             self.ctl.metrics.transition(after or "")
+        write = self.ctl.kube.patch_status("subscriptions", self.ns, self.name, patch) \
+            if patch else None
+        # The Event goes out alongside the status write, not after it: a key issued is said
+        # once the Secret holds it, whichever of the two a crash cuts short.
+        written, _ = await asyncio.gather(_maybe(write), self._post_notes())
+        if written is not None:
+            self.ctl.world.wrote(written)
+
+    async def _post_notes(self) -> None:
+        if not self.notes:
+            return
+        warnings = [n for n in self.notes if n[2] == "Warning"]
+        reason, _, type_ = warnings[0] if warnings else min(
+            self.notes, key=lambda n: NOTE_RANK.get(n[0], len(NOTE_RANK)))
+        await events.post(self.ctl.kube, self.sub, reason,
+                          "; ".join(message for _, message, _ in self.notes), type_)
 
     def set_pending(self, reason: str, message: str) -> None:
         self.status["phase"] = "pending"
@@ -115,8 +149,14 @@ async def _read(ctl: Controller, kind: str, plural: str, key: tuple[str, str]) -
 
 async def reconcile_subscription(ctl: Controller, key: tuple[str, str]) -> float | None:
     sub = await _read(ctl, "Subscription", "subscriptions", key)
-    if sub is None or sub["metadata"].get("deletionTimestamp"):
+    if sub is None:
+        await _drop_orphaned_key(ctl, key)
         return None
+    if sub["metadata"].get("deletionTimestamp"):
+        await _finalize(ctl, sub)
+        return None
+    if ctl.billing.enabled:
+        sub = await _hold_finalizer(ctl, sub)
     p = Pass(ctl, sub)
     try:
         spec = parse_subscription_spec(sub.get("spec") or {})
@@ -145,6 +185,70 @@ async def reconcile_subscription(ctl: Controller, key: tuple[str, str]) -> float
     await _run(p, spec, pool)
     await p.save()
     return p.again
+
+
+async def _hold_finalizer(ctl: Controller, sub: Obj) -> Obj:
+    """With billing on, deletion must cancel the Stripe subscription first: the finalizer is
+    in place before the first Stripe step. Billing off, there is nothing outside the cluster
+    to undo: the pool frees the seats of a subscription that is gone, and its key Secret goes
+    with it (``_drop_orphaned_key``, and garbage collection through its owner reference)."""
+    meta = sub["metadata"]
+    held = list(meta.get("finalizers") or [])
+    if names.FINALIZER in held:
+        return sub
+    patched = await ctl.kube.patch_custom(
+        "subscriptions", meta["namespace"], meta["name"],
+        {"metadata": {"finalizers": [*held, names.FINALIZER],
+                      "resourceVersion": meta["resourceVersion"]}})
+    if patched is None:
+        raise RetryLater(1, "gone while adding the finalizer")
+    ctl.world.wrote(patched)
+    return patched
+
+
+async def _finalize(ctl: Controller, sub: Obj) -> None:
+    """Deleting a Subscription cancels it at once: billing stops, the key goes, seats free up;
+    then the finalizer comes off."""
+    meta = sub["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    held = list(meta.get("finalizers") or [])
+    if names.FINALIZER not in held:
+        await _delete_key_secret(ctl, ns, name)
+        return
+    status = sub.get("status") or {}
+    billing = status.get("billing") or {}
+    if billing.get("subscriptionId") and ctl.billing.enabled \
+            and billing.get("status") != "canceled":
+        await ctl.billing.cancel_now(billing["subscriptionId"])
+        ctl.world.wrote(await ctl.kube.patch_status("subscriptions", ns, name,
+                                                    {"billing": {"status": "canceled"}}))
+    await _delete_key_secret(ctl, ns, name)
+    pool_key = pool_ref_of(sub)
+    pool = await ctl.kube.get_custom("pools", *pool_key)
+    holder = ledger.parse_ledger(((pool or {}).get("status") or {}).get("ledger")).get(name)
+    # A pool whose spec cannot be read cannot write its ledger either; it releases the seats of
+    # a subscription that is gone once it is fixed, so the deletion need not wait for that.
+    if holder is not None and holder[0] == meta.get("uid") and spec_readable(pool):
+        ctl.pools.add(pool_key)
+        raise RetryLater(1, "waiting for the pool to release the seats")
+    await ctl.kube.patch_custom("subscriptions", ns, name, {"metadata": {
+        "finalizers": [f for f in held if f != names.FINALIZER],
+        "resourceVersion": meta["resourceVersion"]}})
+    ctl.open_keys.add(pool_key)
+
+
+async def _drop_orphaned_key(ctl: Controller, key: tuple[str, str]) -> None:
+    """The subscription is gone (the API server says so): its key Secret goes too, at once,
+    rather than whenever garbage collection gets to it."""
+    secret = (key[0], names.key_secret_name(key[1]))
+    if secret in ctl.world.key_secrets:
+        await _delete_key_secret(ctl, *key)
+
+
+async def _delete_key_secret(ctl: Controller, ns: str, sub_name: str) -> None:
+    secret = names.key_secret_name(sub_name)
+    await ctl.kube.delete("secrets", ns, secret)
+    ctl.world.forget("Secret", (ns, secret))
 
 
 def _held_terms(p: Pass, spec: SubscriptionSpec) -> SubscriptionSpec:
@@ -209,6 +313,9 @@ async def _run(p: Pass, spec: SubscriptionSpec, pool: Obj | None) -> None:
         return
     p.cond("SeatsHeld", True, "SeatsHeld", f"{spec.quantity} seat(s) in "
            f"{', '.join(b.value for b in blocks)}")
+    accepted = get_condition(p.status.get("conditions"), ACCEPTED)
+    if not accepted or accepted.get("status") != "True":
+        p.cond(ACCEPTED, True, "Accepted", "seats held")
     p.status["pool"] = spec.pool_ref.name
     p.status["heldBlocks"] = [b.value for b in blocks]
     p.status["heldQuantity"] = spec.quantity
@@ -259,7 +366,7 @@ def _unpin(p: Pass) -> None:
 async def _lose_seats(p: Pass, reason: str, message: str) -> None:
     _unpin(p)
     if p.status.get("phase") in HOLDING_PHASES:
-        await events.post(p.ctl.kube, p.sub, reason, message, "Warning")
+        p.note(reason, message, "Warning")
     p.set_pending(reason, message)
     p.cond(ACCEPTED, False, reason, message)
     p.status["slots"] = []
@@ -274,8 +381,8 @@ async def _not_holding(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, poo
     _unpin(p)
     if p.status.get("phase") in HOLDING_PHASES:
         # It held seats and the ledger no longer says so (the pool was re-created, say).
-        await events.post(p.ctl.kube, p.sub, "SeatsLost", "the pool's ledger no longer lists "
-                          "this subscription; waiting for seats again", "Warning")
+        p.note("SeatsLost", "the pool's ledger no longer lists this subscription; waiting "
+               "for seats again", "Warning")
         await _drop_key(p)
     p.status["slots"] = []
     if not pool_spec.published:
@@ -299,6 +406,15 @@ async def _not_holding(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, poo
     reserved = (pool.get("status") or {}).get("seats") or {}
     full = [b.value for b in blocks
             if capacity[b] - int((reserved.get(b.value) or {}).get("reserved", 0)) < spec.quantity]
+    if not full and not p.old.get("phase") and not p.ctl.billing.enabled:
+        # A new subscription the pool has room for: with billing off the pool seats it without
+        # waiting for an Accepted condition, and wakes it once it has. Saying "pending" first
+        # would be one more write (and Event) per subscription, overwritten within a second.
+        age = p.ctl.world.sub_age((p.ns, p.name))
+        if age < FRESH_SECONDS:
+            p.defer = True
+            p.wake(FRESH_SECONDS - age)
+            return
     if full and was_accepted and was_accepted.get("status") == "True":
         p.set_pending("PoolFull", f"no {spec.quantity} free seat(s) in {', '.join(full)}; "
                       "waiting in line (oldest first)")
@@ -508,51 +624,67 @@ async def _ensure_key(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, pool
     ctl = p.ctl
     secret_name = names.key_secret_name(p.name)
     # The key is read back, never minted twice: from the watch (or this process's own write),
-    # else from the API server.
-    current = ctl.world.latest("Secret", (p.ns, secret_name))
-    if current is None:
-        current = await ctl.kube.get("secrets", p.ns, secret_name)
+    # else from the API server. A first key is created without a read: if an earlier pass
+    # (cut short before its status write) stored one, the create conflicts and that one stands.
+    current = await _key_secret(p, secret_name)
     if current is None and not mint:
         p.status["gate"] = "closed"
         return
-    existing = keys.decode((current or {}).get("data"))
     rotation = p.meta.get("annotations", {}).get(names.ANNOTATION_ROTATE, "")
-    rotated = current is not None and existing.get("rotation", "") != rotation
-    api_key = existing.get("apiKey") if current is not None and not rotated else None
-    generation = int(existing.get("keyGeneration", "0")) + (1 if rotated else 0)
-    minted = api_key is None
-    if api_key is None:
-        api_key = keys.mint_key()
-    kid = keys.key_id(p.meta["uid"], generation)
     phase = p.status["phase"]
     gate = gate_state(phase, pool_phase, blocks, p.now)
-    data = keys.key_secret_data(
-        api_key=api_key, kid=kid, pool=spec.pool_ref.name, subscription=p.name,
-        customer_id=spec.customer.id, blocks=blocks, limits=pool_spec.limits,
-        upstream=names.upstream_url(spec.pool_ref.name, p.ns, pool_spec.runtime.port),
-        served_model_name=pool_spec.model.id, sub_phase=phase, pool_phase=pool_phase)
-    data["rotation"] = rotation
-    data["keyGeneration"] = str(generation)
-    ctl.world.wrote(await ctl.kube.ensure("secrets", keys.build_key_secret(
-        namespace=p.ns, subscription=p.name, subscription_uid=p.meta["uid"],
-        pool=spec.pool_ref.name, gate=gate, data=data), compare=("data", "metadata.labels"),
-        current=current, read=False))
+    while True:
+        existing = keys.decode((current or {}).get("data"))
+        rotated = current is not None and existing.get("rotation", "") != rotation
+        api_key = existing.get("apiKey") if current is not None and not rotated else None
+        generation = int(existing.get("keyGeneration", "0")) + (1 if rotated else 0)
+        minted = api_key is None
+        kid = keys.key_id(p.meta["uid"], generation)
+        data = keys.key_secret_data(
+            api_key=api_key or keys.mint_key(), kid=kid, pool=spec.pool_ref.name,
+            subscription=p.name, customer_id=spec.customer.id, blocks=blocks,
+            limits=pool_spec.limits,
+            upstream=names.upstream_url(spec.pool_ref.name, p.ns, pool_spec.runtime.port),
+            served_model_name=pool_spec.model.id, sub_phase=phase, pool_phase=pool_phase)
+        data["rotation"] = rotation
+        data["keyGeneration"] = str(generation)
+        body = keys.build_key_secret(
+            namespace=p.ns, subscription=p.name, subscription_uid=p.meta["uid"],
+            pool=spec.pool_ref.name, gate=gate, data=data)
+        if current is not None:
+            ctl.world.wrote(await ctl.kube.ensure("secrets", body,
+                                                  compare=("data", "metadata.labels"),
+                                                  current=current, read=False))
+            break
+        try:
+            ctl.world.wrote(await ctl.kube.create("secrets", p.ns, body))
+            break
+        except Conflict:
+            current = await ctl.kube.get("secrets", p.ns, secret_name)
     if minted:
         # Said once the Secret holds it: a pass cut short before that mints again, unsaid.
-        await events.post(ctl.kube, p.sub, "KeyRotated" if rotated else "KeyIssued",
-                          f"API key issued in Secret {secret_name}")
+        p.note("KeyRotated" if rotated else "KeyIssued", f"API key issued in Secret {secret_name}")
     p.status["keySecretName"] = secret_name
     p.status["keyId"] = kid
     p.cond("KeyIssued", True, "KeyIssued", f"Secret {secret_name}")
     await ctl.gates.record_gate(p, gate, phase, pool_phase, blocks)
 
 
+async def _key_secret(p: Pass, secret_name: str) -> Obj | None:
+    """The subscription's key Secret as known here; read from the API server only when the
+    status says a key was issued and the watch has not delivered it (right after a start)."""
+    current = p.ctl.world.latest("Secret", (p.ns, secret_name))
+    if current is None and p.old.get("keySecretName"):
+        current = await p.ctl.kube.get("secrets", p.ns, secret_name)
+    return current
+
+
 async def _drop_key(p: Pass) -> None:
     secret_name = p.status.get("keySecretName") or names.key_secret_name(p.name)
-    if await p.ctl.kube.get("secrets", p.ns, secret_name) is not None:
+    if await _key_secret(p, secret_name) is not None:
         await p.ctl.kube.delete("secrets", p.ns, secret_name)
         p.ctl.world.forget("Secret", (p.ns, secret_name))
-        await events.post(p.ctl.kube, p.sub, "KeyRevoked", f"Secret {secret_name} deleted")
+        p.note("KeyRevoked", f"Secret {secret_name} deleted")
     p.status.pop("keySecretName", None)
     p.status.pop("keyId", None)
     p.status["gate"] = "closed"

@@ -73,6 +73,7 @@ class World:
         self.ledger_written: dict[Key, float] = {}
         """When this process last wrote each pool's ledger (monotonic seconds)."""
         self._subs_by_pool: dict[Key, set[Key]] = defaultdict(set)
+        self._sub_seen: dict[Key, float] = {}
         self._written: dict[tuple[str, Key], tuple[float, Obj]] = {}
         self._applied: dict[Hashable, tuple[str, float]] = {}
 
@@ -83,12 +84,19 @@ class World:
             self._subs_by_pool[pool_ref_of(old)].discard(key)
         self.subs[key] = body
         self._subs_by_pool[pool_ref_of(body)].add(key)
+        self._sub_seen.setdefault(key, time.monotonic())
 
     def drop_sub(self, key: Key) -> None:
         self._written.pop(("Subscription", key), None)
+        self._sub_seen.pop(key, None)
         old = self.subs.pop(key, None)
         if old is not None:
             self._subs_by_pool[pool_ref_of(old)].discard(key)
+
+    def sub_age(self, key: Key) -> float:
+        """Seconds since this process first saw the subscription (infinite: never)."""
+        seen = self._sub_seen.get(key)
+        return float("inf") if seen is None else time.monotonic() - seen
 
     def subs_of_pool(self, pool: Key) -> list[Obj]:
         return [self.subs[k] for k in self._subs_by_pool.get(pool, ()) if k in self.subs]
