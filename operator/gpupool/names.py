@@ -39,6 +39,11 @@ ANNOTATION_ROTATE = f"{PREFIX}/rotate-key"
 ANNOTATION_APPROVED = f"{PREFIX}/key-approved"
 
 FINALIZER = f"{PREFIX}/finalizer"
+"""kopf's own finalizer name (kopf adds and removes it for the handlers that need one)."""
+BILLING_FINALIZER = f"{PREFIX}/billing"
+"""Held by a Subscription while billing is on: its deletion waits until Stripe has been told.
+Managed by the subscription reconcile itself (kopf removes its own finalizer from objects no
+kopf handler needs it for)."""
 
 _MAX_NAME = 63
 

@@ -194,11 +194,11 @@ async def _hold_finalizer(ctl: Controller, sub: Obj) -> Obj:
     with it (``_drop_orphaned_key``, and garbage collection through its owner reference)."""
     meta = sub["metadata"]
     held = list(meta.get("finalizers") or [])
-    if names.FINALIZER in held:
+    if names.BILLING_FINALIZER in held:
         return sub
     patched = await ctl.kube.patch_custom(
         "subscriptions", meta["namespace"], meta["name"],
-        {"metadata": {"finalizers": [*held, names.FINALIZER],
+        {"metadata": {"finalizers": [*held, names.BILLING_FINALIZER],
                       "resourceVersion": meta["resourceVersion"]}})
     if patched is None:
         raise RetryLater(1, "gone while adding the finalizer")
@@ -212,7 +212,7 @@ async def _finalize(ctl: Controller, sub: Obj) -> None:
     meta = sub["metadata"]
     ns, name = meta["namespace"], meta["name"]
     held = list(meta.get("finalizers") or [])
-    if names.FINALIZER not in held:
+    if names.BILLING_FINALIZER not in held:
         await _delete_key_secret(ctl, ns, name)
         return
     status = sub.get("status") or {}
@@ -232,7 +232,7 @@ async def _finalize(ctl: Controller, sub: Obj) -> None:
         ctl.pools.add(pool_key)
         raise RetryLater(1, "waiting for the pool to release the seats")
     await ctl.kube.patch_custom("subscriptions", ns, name, {"metadata": {
-        "finalizers": [f for f in held if f != names.FINALIZER],
+        "finalizers": [f for f in held if f != names.BILLING_FINALIZER],
         "resourceVersion": meta["resourceVersion"]}})
     ctl.open_keys.add(pool_key)
 

@@ -564,7 +564,7 @@ def test_deleting_a_subscription_cancels_its_stripe_subscription_at_once(rig: Ri
     sub_id = sub["status"]["billing"]["subscriptionId"]
     assert stripe_subscription(rig.stripe, sub_id)["status"] == "active"
     # Billing on: the finalizer holds the deletion until Stripe has been told.
-    assert names.FINALIZER in sub["metadata"]["finalizers"]
+    assert names.BILLING_FINALIZER in sub["metadata"]["finalizers"]
 
     deleted_at = time.time()
     rig.objs.delete("subscriptions", "goner")

@@ -225,7 +225,7 @@ def _run_scenarios(objs: Objects, admin: RawApi, pool: str, op: OperatorProcess,
     # ... until a Subscription is deleted: its seats are freed and its key revoked. Billing is
     # off, so nothing outside the cluster holds the deletion up: no finalizer.
     second = objs.sub("second")
-    assert names.FINALIZER not in (second["metadata"].get("finalizers") or [])
+    assert names.BILLING_FINALIZER not in (second["metadata"].get("finalizers") or [])
     objs.delete("subscriptions", "second")
     wait_for(lambda: objs.get("subscriptions", "second") is None, timeout=30,
              message=describe)

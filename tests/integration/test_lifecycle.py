@@ -71,7 +71,7 @@ def test_deleting_a_subscription_cancels_it_and_frees_seats(objs: Objects) -> No
     secret = sub["status"]["keySecretName"]
     assert objs.secret_data(secret) is not None
     # Billing is off: nothing outside the cluster to undo, so no finalizer holds the deletion.
-    assert "gpupool.dev/finalizer" not in (sub["metadata"].get("finalizers") or [])
+    assert "gpupool.dev/billing" not in (sub["metadata"].get("finalizers") or [])
     objs.delete("subscriptions", "goner")
     wait_for(lambda: objs.get("subscriptions", "goner") is None, timeout=30)
     pool = wait_for(lambda: (p := objs.pool("del-pool"))["status"]["pledgedSlots"] == 0 and p,
