@@ -44,254 +44,42 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures as cf
-import contextlib
-import json
 import math
 import os
 import re
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
-import urllib3
+from harness import (
+    METADATA,
+    Api,
+    Operator,
+    apiserver_requests,
+    core,
+    custom,
+    end_profile,
+    install_crds,
+    proc_status_kb,
+    run_threads,
+    run_with_cluster,
+    say,
+    start_cluster,
+    start_profile,
+    wait,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from gpupool import names
+from gpupool.blocks import BLOCK_ORDER, block_at
+from gpupool.devcluster import LocalCluster
+from gpupool.gates import DEFAULT_CONCURRENCY
 
-from gpupool import GROUP, VERSION, names  # noqa: E402
-from gpupool.blocks import BLOCK_ORDER, block_at  # noqa: E402
-from gpupool.devcluster import LocalCluster, binaries_available, free_port  # noqa: E402
-from gpupool.gates import DEFAULT_CONCURRENCY  # noqa: E402
-
-Obj = dict[str, Any]
 GROUP_LABEL = "bench.gpupool.dev/group"
 ENDING, STARTING, ALLDAY = "ending", "starting", "allday"
-TABLE = "application/json;as=Table;v=v1;g=meta.k8s.io"
-METADATA = "application/json;as=PartialObjectMetadataList;v=v1;g=meta.k8s.io"
-CRDS = ROOT / "crds"
-
-
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-class ApiError(RuntimeError):
-    pass
-
-
-class Api:
-    """Plain JSON over one urllib3 pool (thread-safe), with the admin token."""
-
-    def __init__(self, cluster: LocalCluster, maxsize: int) -> None:
-        self.base = cluster.server
-        self.http = urllib3.PoolManager(num_pools=2, maxsize=maxsize, block=True,
-                                        cert_reqs="CERT_REQUIRED", ca_certs=str(cluster.ca))
-        self.auth = {"Authorization": f"Bearer {cluster.token}"}
-
-    def call(self, method: str, path: str, body: Any = None, *,
-             query: dict[str, str] | None = None, accept: str = "application/json",
-             content_type: str = "application/json") -> Any:
-        url = self.base + path + (f"?{urlencode(query)}" if query else "")
-        headers = {**self.auth, "Accept": accept}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = content_type
-        resp = self.http.request(method, url, body=data, headers=headers, timeout=120.0,
-                                 retries=False)
-        if not 200 <= resp.status < 300:
-            # Only the Status message: never echo an object (a Secret would carry its key).
-            try:
-                message = json.loads(resp.data).get("message", "")
-            except ValueError:
-                message = ""
-            raise ApiError(f"{method} {path}: HTTP {resp.status} {message[:200]}")
-        return json.loads(resp.data) if resp.data else None
-
-    def list_all(self, path: str, query: dict[str, str] | None = None,
-                 accept: str = "application/json") -> list[Obj]:
-        items: list[Obj] = []
-        cont = ""
-        while True:
-            q = {**(query or {}), "limit": "500"}
-            if cont:
-                q["continue"] = cont
-            page = self.call("GET", path, query=q, accept=accept)
-            items.extend(page.get("items") or [])
-            cont = (page.get("metadata") or {}).get("continue") or ""
-            if not cont:
-                return items
-
-    def table(self, path: str, selector: str) -> tuple[list[str], list[list[Any]]]:
-        """Server-side table rows (printer columns only, no objects) from the watch cache."""
-        page = self.call("GET", path, accept=TABLE, query={
-            "labelSelector": selector, "includeObject": "None", "resourceVersion": "0"})
-        columns = [c["name"] for c in page.get("columnDefinitions") or []]
-        return columns, [row["cells"] for row in page.get("rows") or []]
-
-    def metadata_names(self, path: str, selector: str) -> list[str]:
-        page = self.call("GET", path, accept=METADATA, query={
-            "labelSelector": selector, "resourceVersion": "0"})
-        return [i["metadata"]["name"] for i in page.get("items") or []]
-
-
-def custom(plural: str, ns: str, name: str = "") -> str:
-    return f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{plural}" + (f"/{name}" if name else "")
-
-
-def core(plural: str, ns: str, name: str = "") -> str:
-    return f"/api/v1/namespaces/{ns}/{plural}" + (f"/{name}" if name else "")
-
-
-ALIVE: list[Callable[[], None]] = []
-"""Checks that raise when a process the run depends on is gone."""
-
-
-def wait(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5,
-         progress: Callable[[], str] | None = None) -> Any:
-    """Poll ``check`` until truthy; a progress line every 15 s."""
-    started = time.monotonic()
-    next_note = started + 15
-    while True:
-        for alive in ALIVE:
-            alive()
-        value = check()
-        if value:
-            return value
-        now = time.monotonic()
-        if now - started > timeout:
-            raise SystemExit(f"timed out after {timeout:.0f}s waiting for {what}"
-                             + (f" ({progress()})" if progress else ""))
-        if progress and now >= next_note:
-            say(f"  ... {what}: {progress()}")
-            next_note = now + 15
-        time.sleep(interval)
-
-
-def run_threads(fn: Callable[[Any], Any], items: Iterable[Any], threads: int) -> float:
-    started = time.monotonic()
-    with cf.ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(fn, items):
-            pass
-    return time.monotonic() - started
-
-
-# -- the operator process ---------------------------------------------------------------------
-def _ppid(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def operator_pid(root_pid: int) -> int:
-    """The python process running ``gpupool operator`` (under faketime it is a child)."""
-    family = {root_pid}
-    changed = True
-    while changed:
-        changed = False
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and int(entry.name) not in family \
-                    and _ppid(int(entry.name)) in family:
-                family.add(int(entry.name))
-                changed = True
-    for pid in sorted(family):
-        with contextlib.suppress(OSError):
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if b"gpupool" in cmd and b"operator" in cmd and not cmd[0].endswith(b"faketime"):
-                return pid
-    return root_pid
-
-
-def stop_operator(op: Any) -> None:
-    """SIGTERM and wait until the operator's python process is gone too (faketime, the
-    process OperatorProcess waits for, may exit before its child has finished)."""
-    pid = operator_pid(op.proc.pid) if op.proc is not None and op.proc.poll() is None else 0
-    op.stop()
-    deadline = time.monotonic() + 20
-    while pid and _alive(pid):
-        if time.monotonic() > deadline:
-            with contextlib.suppress(OSError):
-                os.kill(pid, 9)
-            break
-        time.sleep(0.1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def profile(path: str | None, op: Any, seconds: float) -> subprocess.Popen[bytes] | None:
-    if not path or op.proc is None:
-        return None
-    return subprocess.Popen(
-        ["py-spy", "record", "--pid", str(operator_pid(op.proc.pid)), "--output", path,
-         "--format", "raw", "--duration", str(int(seconds)), "--nonblocking"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def end_profile(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is not None:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
-
-
-def proc_status_kb(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    return 0
-
-
-def scrape(url: str, metric: str, headers: dict[str, str] | None = None,
-           ctx: Any = None) -> dict[str, float]:
-    """``metric``'s samples from a Prometheus text page: label string -> value."""
-    req = urllib.request.Request(url, headers=headers or {})
-    with urllib.request.urlopen(req, timeout=10, context=ctx) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith(metric + "{"):
-            labels, value = line[len(metric):].rsplit(" ", 1)
-            out[labels] = float(value)
-    return out
-
-
-def operator_reconciles(port: int) -> float:
-    return sum(scrape(f"http://127.0.0.1:{port}/metrics", "gpupool_reconciles_total").values())
-
-
-def apiserver_requests(cluster: LocalCluster) -> Counter[str]:
-    import ssl
-
-    ctx = ssl.create_default_context(cafile=str(cluster.ca))
-    samples = scrape(f"{cluster.server}/metrics", "apiserver_request_total",
-                     {"Authorization": f"Bearer {cluster.token}"}, ctx)
-    out: Counter[str] = Counter()
-    for labels, value in samples.items():
-        fields = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        if fields.get("verb") in ("WATCH", "CONNECT"):
-            continue
-        what = fields.get("resource", "") + (f"/{fields['subresource']}"
-                                             if fields.get("subresource") else "")
-        out[f"{fields.get('verb')} {what}"] += int(value)
-    return out
 
 
 # -- the benchmark ----------------------------------------------------------------------------
@@ -306,6 +94,8 @@ class Bench:
         self.pool_of: dict[str, str] = {}
         self.key_ids: dict[str, str] = {}
         self.results: dict[str, Any] = {}
+        self.alive: Callable[[], None] | None = None
+        """Raises when the operator is gone."""
 
     # setup ----------------------------------------------------------------------------------
     def plan(self) -> None:
@@ -331,14 +121,7 @@ class Bench:
         def create(name: str) -> None:
             body = sub_body(name, self.pool_of[name], blocks[self.groups[name]])
             body["metadata"]["labels"] = {GROUP_LABEL: self.groups[name]}
-            for attempt in range(5):
-                try:
-                    api.call("POST", custom("subscriptions", self.ns), body)
-                    return
-                except (ApiError, urllib3.exceptions.HTTPError):
-                    if attempt == 4:
-                        raise
-                    time.sleep(0.5 * (attempt + 1))
+            api.create(custom("subscriptions", self.ns), body)
 
         took = run_threads(create, list(self.groups), self.args.threads)
         self.results["create_s"] = took
@@ -362,7 +145,7 @@ class Bench:
         started = time.monotonic()
         wait("every subscription active with its key", done, timeout=self.args.setup_timeout,
              interval=5.0, progress=lambda: ", ".join(
-                 f"{g} {state.get(g, 0)}/{counts[g]}" for g in before))
+                 f"{g} {state.get(g, 0)}/{counts[g]}" for g in before), alive=self.alive)
         self.results["activate_s"] = time.monotonic() - started
         say(f"all {self.n} active with keys {self.results['activate_s']:.1f}s after creation")
 
@@ -418,8 +201,7 @@ class Bench:
 
             def open_keys(pool: str = pool, want_ids: set[str] = want_ids) -> int:
                 name = names.open_keys_secret_name(pool)
-                meta = api.call("GET", core("secrets", self.ns, name), accept=(
-                    "application/json;as=PartialObjectMetadata;v=v1;g=meta.k8s.io"))
+                meta = api.call("GET", core("secrets", self.ns, name), accept=METADATA)
                 rv = meta["metadata"]["resourceVersion"]
                 if open_rv.get(pool) == rv:
                     return 1
@@ -437,8 +219,8 @@ class Bench:
                 wrong[what] = check()
                 if wrong[what] == 0:
                     right_at[what] = time.time() - boundary_real
-            for alive in ALIVE:
-                alive()
+            if self.alive:
+                self.alive()
             if time.time() > deadline:
                 raise SystemExit(f"keys not right {self.args.flip_timeout:.0f}s after the "
                                  f"boundary: {wrong}")
@@ -447,13 +229,10 @@ class Bench:
 
     # the limit ------------------------------------------------------------------------------
     async def plain_patches(self, kubeconfig: Path) -> float:
-        from kubernetes_asyncio import client, config
-
         from gpupool.kube import Kube
+        from gpupool.kubeconfig import load
 
-        cfg = client.Configuration()
-        await config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg)
-        kube = Kube(client.ApiClient(cfg))
+        kube = Kube(load(str(kubeconfig)), connections=self.args.concurrency)
         sem = asyncio.Semaphore(self.args.concurrency)
 
         async def patch(name: str) -> None:
@@ -491,80 +270,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setup-timeout", type=float, default=3600.0)
     parser.add_argument("--flip-timeout", type=float, default=900.0)
     parser.add_argument("--profile", metavar="FILE", default=None,
-                        help="record the operator with py-spy (on PATH) during setup (FILE.setup)"
-                             " and from the boundary until every key is right (FILE), as "
-                             "collapsed stacks")
+                        help="record the operator with py-spy (the venv's, else on PATH) "
+                             "during setup (FILE.setup) and from the boundary until every key "
+                             "is right (FILE), as collapsed stacks")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     if args.quick:
         args.subscriptions = 500
-    if not binaries_available():
-        print("control plane binaries missing: run scripts/build-control-plane.sh",
-              file=sys.stderr)
-        return 2
-
-    def interrupted(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGINT, interrupted)  # also when started in the background
-    workdir = Path(tempfile.mkdtemp(prefix="gpupool-flipbench-"))
-    os.environ["GPUPOOL_TEST_LOGS"] = str(workdir / "operator-logs")
     # One GPU per pool's single replica, so every pool's Deployment becomes Ready.
-    cluster = LocalCluster(workdir / "cluster", gpu_nodes=math.ceil(args.pools / 8),
-                           gpus_per_node=8, kubelet=True)
-    ok = False
-    try:
-        ok = run(args, cluster, workdir)
-    finally:
-        cluster.stop()
-        if args.keep or not ok:
-            say(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    return 0 if ok else 1
+    return run_with_cluster("gpupool-flipbench-", partial(run, args), keep=args.keep,
+                            gpu_nodes=math.ceil(args.pools / 8), gpus_per_node=8, kubelet=True)
 
 
 def run(args: argparse.Namespace, cluster: LocalCluster, workdir: Path) -> bool:
     from support.clock import ShiftedClock
-    from support.kube import create_namespace
-    from support.objects import kubectl
-    from support.operator import OperatorProcess
 
     bench = Bench(args, workdir)
     bench.plan()
     n = bench.n
-    t0 = time.monotonic()
-    cluster.start()
-    say(f"control plane up in {time.monotonic() - t0:.1f}s ({cluster.server})")
-    kc = str(cluster.kubeconfig)
-    kubectl(kc, "apply", "-f", str(CRDS), check=True)
-    kubectl(kc, "wait", "--for", "condition=established", "--timeout=60s",
-            "crd/pools.gpupool.dev", "crd/subscriptions.gpupool.dev", check=True)
-    with cluster.api_client() as sync_client:
-        create_namespace(sync_client, bench.ns)
+    took = start_cluster(cluster)
+    say(f"control plane up in {took:.1f}s ({cluster.server})")
+    install_crds(cluster, bench.ns)
     api = Api(cluster, maxsize=max(args.threads, 8))
 
     lead = args.lead if args.lead is not None else default_lead(n)
     clock = ShiftedClock(lead=lead)
-    metrics_port = free_port()
-    op = OperatorProcess(cluster.kubeconfig, name="operator-bench", faketime=clock.faketime,
-                         namespaces=[bench.ns],
-                         env={"GPUPOOL_RESYNC_SECONDS": str(int(lead) + 86400),
-                              "GPUPOOL_METRICS_PORT": str(metrics_port)}).start()
+    op = Operator(cluster, name="operator-bench", faketime=clock.faketime,
+                  namespaces=[bench.ns],
+                  env={"GPUPOOL_RESYNC_SECONDS": str(int(lead) + 86400)}).start()
     boundary_real = clock.boundary.timestamp() - clock.offset
-    operator = operator_pid(op.proc.pid if op.proc else 0)
-
-    def operator_alive() -> None:
-        if not _alive(operator):
-            raise SystemExit(f"the operator (pid {operator}) is gone; log tail:\n"
-                             f"{op.log_tail(15)}")
-    ALIVE.append(operator_alive)
+    bench.alive = op.check_alive
     ending = block_at(clock.shifted_now())
     starting = BLOCK_ORDER[(BLOCK_ORDER.index(ending) + 1) % 3]
     say(f"operator clock {clock.shifted_now():%H:%M:%S}, boundary {clock.boundary:%H:%M} UTC "
         f"({ending.value} -> {starting.value}) in {clock.seconds_to_boundary():.0f}s")
     setup_started = time.monotonic()
-    setup_profiler = profile(args.profile and f"{args.profile}.setup", op, 3600)
+    setup_profiler = start_profile(args.profile and f"{args.profile}.setup", op.pid, 3600)
     try:
         bench.create_objects(api, ending.value, starting.value)
         bench.wait_active(api, {ENDING: "open", STARTING: "closed", ALLDAY: "open"})
@@ -572,14 +313,8 @@ def run(args: argparse.Namespace, cluster: LocalCluster, workdir: Path) -> bool:
         for pool in bench.pools:
             want = bench.want_open(pool, (ENDING, ALLDAY))
             wait(f"open-keys Secret of {pool} before the boundary",
-                 partial(bench.open_keys_are, api, pool, want), 120)
-        # Idle: no reconcile finished for 3 s.
-        seen: list[float] = []
-
-        def idle() -> bool:
-            seen.append(operator_reconciles(metrics_port))
-            return len(seen) > 6 and seen[-1] == seen[-7]
-        wait("the operator to go idle", idle, timeout=600, interval=0.5)
+                 partial(bench.open_keys_are, api, pool, want), 120, alive=op.check_alive)
+        op.wait_idle(timeout=600)  # no reconcile finished for 3 s
         setup_s = time.monotonic() - setup_started
         end_profile(setup_profiler)
         left = clock.seconds_to_boundary()
@@ -588,31 +323,31 @@ def run(args: argparse.Namespace, cluster: LocalCluster, workdir: Path) -> bool:
             say(f"setup took longer than the lead ({lead:.0f}s): rerun with --lead "
                 f"{setup_s * 1.3 + 30:.0f}")
             return False
-        pid = operator
+        pid = op.pid
         rss_before = proc_status_kb(pid, "VmRSS")
         hwm_setup = proc_status_kb(pid, "VmHWM")
         requests_before = apiserver_requests(cluster)
-        reconciles_before = operator_reconciles(metrics_port)
+        reconciles_before = op.reconciles()
         while time.time() < boundary_real - 1:
             time.sleep(0.05)
-        profiler = profile(args.profile, op, args.flip_timeout)
+        profiler = start_profile(args.profile, op.pid, args.flip_timeout)
         while time.time() < boundary_real:
             time.sleep(min(0.05, max(0.0, boundary_real - time.time())))
         say("boundary")
         right_at = bench.measure_boundary(api, boundary_real)
         requests_after = apiserver_requests(cluster)
-        reconciles_after = operator_reconciles(metrics_port)
+        reconciles_after = op.reconciles()
         end_profile(profiler)
         last_key = max(v for k, v in right_at.items() if not k.startswith("open-keys"))
         open_keys = max(v for k, v in right_at.items() if k.startswith("open-keys"))
         passes = wait("the operator's boundary log line",
                       lambda: re.findall(r"boundary pass: (\d+) key\(s\) flipped in ([\d.]+)s",
-                                         op.log_text()), timeout=args.flip_timeout)
+                                         op.log_text()), timeout=args.flip_timeout,
+                      alive=op.check_alive)
         hwm = proc_status_kb(pid, "VmHWM")
         delta = requests_after - requests_before
     finally:
-        ALIVE.clear()
-        stop_operator(op)
+        op.stop()
 
     flipped = sum(1 for g in bench.groups.values() if g != ALLDAY)
     print()

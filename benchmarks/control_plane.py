@@ -22,6 +22,10 @@ the end):
 4. Stops the operator and creates N Secrets (the size of a key Secret) straight through the API
    server with the same client and the same concurrency: the limit. Prints both rates and the
    ratio.
+5. The floor: creates the same N Subscriptions (same specs, same pools, which it creates there
+   too) with the same client and concurrency in a namespace no operator watches. No operator
+   can make subscriptions active faster than they can be created, so its rate against the
+   limit is the ceiling for the ratio.
 
 Keys are never printed.
 """
@@ -29,227 +33,45 @@ Keys are never printed.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
+import base64
 import contextlib
 import json
 import math
 import os
-import re
 import secrets
-import shutil
-import signal
-import ssl
 import sys
-import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlencode
 
-import urllib3
+from harness import (
+    METADATA,
+    Api,
+    Obj,
+    Operator,
+    apiserver_requests,
+    cluster_processes,
+    core,
+    cpu_by_process,
+    custom,
+    end_profile,
+    install_crds,
+    proc_status_kb,
+    run_threads,
+    run_with_cluster,
+    say,
+    start_cluster,
+    start_profile,
+    wait,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from gpupool import names
+from gpupool.devcluster import LocalCluster
 
-from gpupool import GROUP, VERSION, names  # noqa: E402
-from gpupool.devcluster import LocalCluster, binaries_available, free_port  # noqa: E402
-
-Obj = dict[str, Any]
-CRDS = ROOT / "crds"
 BLOCKS = ("asia", "europe", "americas")
-METADATA = "application/json;as=PartialObjectMetadata;v=v1;g=meta.k8s.io"
-NS, LIMIT_NS = "bench", "limit"
-
-
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-class ApiError(RuntimeError):
-    pass
-
-
-class Api:
-    """Plain JSON over one urllib3 pool (thread-safe), with the admin token."""
-
-    def __init__(self, cluster: LocalCluster, maxsize: int) -> None:
-        self.base = cluster.server
-        self.ca = str(cluster.ca)
-        self.http = urllib3.PoolManager(num_pools=2, maxsize=maxsize, block=True,
-                                        cert_reqs="CERT_REQUIRED", ca_certs=self.ca)
-        self.auth = {"Authorization": f"Bearer {cluster.token}"}
-
-    def call(self, method: str, path: str, body: Any = None, *,
-             query: dict[str, str] | None = None, accept: str = "application/json") -> Any:
-        url = self.base + path + (f"?{urlencode(query)}" if query else "")
-        headers = {**self.auth, "Accept": accept}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        resp = self.http.request(method, url, body=data, headers=headers, timeout=120.0,
-                                 retries=False)
-        if not 200 <= resp.status < 300:
-            # Only the Status message: never echo an object (a Secret would carry its key).
-            try:
-                message = json.loads(resp.data).get("message", "")
-            except ValueError:
-                message = ""
-            raise ApiError(f"{method} {path}: HTTP {resp.status} {message[:200]}")
-        return json.loads(resp.data) if resp.data else None
-
-    def create(self, path: str, body: Obj) -> None:
-        for attempt in range(5):
-            try:
-                self.call("POST", path, body)
-                return
-            except (ApiError, urllib3.exceptions.HTTPError):
-                if attempt == 4:
-                    raise
-                time.sleep(0.5 * (attempt + 1))
-
-    def watch(self, path: str, on_event: Callable[[str, Obj], None], stop: threading.Event,
-              *, selector: str = "", accept: str = "application/json") -> None:
-        """List, then watch from the list's resourceVersion; re-list after an expired watch."""
-        while not stop.is_set():
-            query = {"labelSelector": selector} if selector else {}
-            listing = self.call("GET", path, query=query, accept=accept.replace(
-                "PartialObjectMetadata", "PartialObjectMetadataList"))
-            for item in listing.get("items") or []:
-                on_event("ADDED", item)
-            rv = listing["metadata"]["resourceVersion"]
-            while not stop.is_set() and rv:
-                rv = self._watch_once(path, {**query, "watch": "1", "resourceVersion": rv,
-                                             "allowWatchBookmarks": "true",
-                                             "timeoutSeconds": "600"}, accept, on_event, stop)
-
-    def _watch_once(self, path: str, query: dict[str, str], accept: str,
-                    on_event: Callable[[str, Obj], None], stop: threading.Event) -> str:
-        rv = query["resourceVersion"]
-        try:
-            resp = self.http.request("GET", f"{self.base}{path}?{urlencode(query)}",
-                                     headers={**self.auth, "Accept": accept},
-                                     preload_content=False, retries=False,
-                                     timeout=urllib3.Timeout(connect=10, read=700))
-        except urllib3.exceptions.HTTPError:
-            time.sleep(0.5)
-            return rv
-        buf = b""
-        try:
-            for chunk in resp.stream(65536):
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    event = json.loads(line)
-                    if event["type"] == "ERROR":
-                        return ""  # expired: list again
-                    obj = event["object"]
-                    rv = obj["metadata"].get("resourceVersion") or rv
-                    if event["type"] != "BOOKMARK":
-                        on_event(event["type"], obj)
-                if stop.is_set():
-                    break
-        except (urllib3.exceptions.HTTPError, OSError):
-            time.sleep(0.2)
-        finally:
-            resp.release_conn()
-        return rv
-
-
-def custom(plural: str, ns: str, name: str = "") -> str:
-    return f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{plural}" + (f"/{name}" if name else "")
-
-
-def core(plural: str, ns: str, name: str = "") -> str:
-    return f"/api/v1/namespaces/{ns}/{plural}" + (f"/{name}" if name else "")
-
-
-def run_threads(fn: Callable[[Any], Any], items: Iterable[Any], threads: int) -> float:
-    started = time.monotonic()
-    with cf.ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(fn, items):
-            pass
-    return time.monotonic() - started
-
-
-def wait(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5,
-         progress: Callable[[], str] | None = None,
-         alive: Callable[[], None] | None = None) -> Any:
-    started = time.monotonic()
-    next_note = started + 15
-    while True:
-        if alive:
-            alive()
-        value = check()
-        if value:
-            return value
-        now = time.monotonic()
-        if now - started > timeout:
-            raise SystemExit(f"timed out after {timeout:.0f}s waiting for {what}"
-                             + (f" ({progress()})" if progress else ""))
-        if progress and now >= next_note:
-            say(f"  ... {what}: {progress()}")
-            next_note = now + 15
-        time.sleep(interval)
-
-
-# -- measuring --------------------------------------------------------------------------------
-def scrape(url: str, metric: str, headers: dict[str, str] | None = None,
-           ctx: Any = None) -> dict[str, float]:
-    """``metric``'s samples from a Prometheus text page: label string -> value."""
-    req = urllib.request.Request(url, headers=headers or {})
-    with urllib.request.urlopen(req, timeout=30, context=ctx) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith(metric + "{"):
-            labels, value = line[len(metric):].rsplit(" ", 1)
-            out[labels] = float(value)
-    return out
-
-
-def _labels(text: str) -> dict[str, str]:
-    return dict(re.findall(r'(\w+)="([^"]*)"', text))
-
-
-def operator_requests(port: int) -> Counter[str]:
-    out: Counter[str] = Counter()
-    for labels, value in scrape(f"http://127.0.0.1:{port}/metrics",
-                                "gpupool_api_requests_total").items():
-        fields = _labels(labels)
-        out[f"{fields['verb']} {fields['resource']}"] += int(value)
-    return out
-
-
-def reconcile_times(port: int) -> dict[str, tuple[float, float]]:
-    """resource -> (reconciles, seconds spent in them)."""
-    url = f"http://127.0.0.1:{port}/metrics"
-    counts = scrape(url, "gpupool_reconcile_seconds_count")
-    sums = scrape(url, "gpupool_reconcile_seconds_sum")
-    return {_labels(k)["resource"]: (counts[k], sums.get(k, 0.0)) for k in counts}
-
-
-def operator_reconciles(port: int) -> float:
-    return sum(scrape(f"http://127.0.0.1:{port}/metrics", "gpupool_reconciles_total").values())
-
-
-def apiserver_requests(cluster: LocalCluster) -> Counter[str]:
-    ctx = ssl.create_default_context(cafile=str(cluster.ca))
-    samples = scrape(f"{cluster.server}/metrics", "apiserver_request_total",
-                     {"Authorization": f"Bearer {cluster.token}"}, ctx)
-    out: Counter[str] = Counter()
-    for labels, value in samples.items():
-        fields = _labels(labels)
-        if fields.get("verb") in ("WATCH", "CONNECT"):
-            continue
-        what = fields.get("resource", "") + (f"/{fields['subresource']}"
-                                             if fields.get("subresource") else "")
-        out[f"{fields.get('verb')} {what}"] += int(value)
-    return out
+NS, LIMIT_NS, FLOOR_NS = "bench", "limit", "floor"
 
 
 def _merge_get(counts: Counter[str]) -> Counter[str]:
@@ -258,26 +80,6 @@ def _merge_get(counts: Counter[str]) -> Counter[str]:
         verb, _, what = key.partition(" ")
         out[f"{'GET/LIST' if verb in ('GET', 'LIST') else verb} {what}"] += value
     return out
-
-
-def proc_status_kb(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process so far."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_by_process(pids: dict[str, int]) -> dict[str, float]:
-    return {name: cpu_seconds(pid) for name, pid in pids.items()}
 
 
 def table(counts: Counter[str], per: int) -> str:
@@ -359,78 +161,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the figures")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
-    if not binaries_available():
-        print("control plane binaries missing: run scripts/build-control-plane.sh",
-              file=sys.stderr)
-        return 2
-
-    def interrupted(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGINT, interrupted)
-    workdir = Path(tempfile.mkdtemp(prefix="gpupool-cpbench-"))
-    os.environ["GPUPOOL_TEST_LOGS"] = str(workdir / "operator-logs")
-    cluster = LocalCluster(workdir / "cluster", gpu_nodes=2, gpus_per_node=8, kubelet=True)
-    ok = False
-    try:
-        ok = run(args, cluster)
-    finally:
-        cluster.stop()
-        if args.keep or not ok:
-            say(f"work directory kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    return 0 if ok else 1
+    return run_with_cluster("gpupool-cpbench-", partial(run, args), keep=args.keep,
+                            gpu_nodes=2, gpus_per_node=8, kubelet=True)
 
 
-def run(args: argparse.Namespace, cluster: LocalCluster) -> bool:
-    from support.kube import create_namespace
-    from support.objects import kubectl, pool_body, sub_body
-    from support.operator import OperatorProcess
+def run(args: argparse.Namespace, cluster: LocalCluster, _workdir: Path) -> bool:
+    from support.objects import pool_body, sub_body
 
     n, threads = args.subscriptions, args.concurrency
     pools = [f"pool-{i}" for i in range(args.pools)]
-    t0 = time.monotonic()
-    cluster.start()
-    say(f"control plane up in {time.monotonic() - t0:.1f}s; {os.cpu_count()} CPUs")
-    kc = str(cluster.kubeconfig)
-    kubectl(kc, "apply", "-f", str(CRDS), check=True)
-    kubectl(kc, "wait", "--for", "condition=established", "--timeout=60s",
-            "crd/pools.gpupool.dev", "crd/subscriptions.gpupool.dev", check=True)
-    with cluster.api_client() as sync_client:
-        create_namespace(sync_client, NS)
-        create_namespace(sync_client, LIMIT_NS)
+    took = start_cluster(cluster)
+    say(f"control plane up in {took:.1f}s; {os.cpu_count()} CPUs")
+    install_crds(cluster, NS, LIMIT_NS, FLOOR_NS)
     api = Api(cluster, maxsize=threads + 4)
 
-    port = free_port()
-    env = {"GPUPOOL_METRICS_PORT": str(port), "GPUPOOL_RESYNC_SECONDS": str(args.resync)}
+    env = {"GPUPOOL_RESYNC_SECONDS": str(args.resync)}
     if args.workers:
         env["GPUPOOL_WORKERS"] = str(args.workers)
-    op = OperatorProcess(cluster.kubeconfig, name="operator-cpbench", namespaces=[NS],
-                         env=env).start()
-    assert op.proc is not None
-    pid = op.proc.pid
-
-    def alive() -> None:
-        if op.proc is None or op.proc.poll() is not None:
-            raise SystemExit(f"the operator exited; log tail:\n{op.log_tail(15)}")
-
-    def idle(quiet: float = 3.0) -> None:
-        seen: list[float] = []
-        per = int(quiet / 0.5)
-
-        def still() -> bool:
-            seen.append(operator_reconciles(port))
-            return len(seen) > per and seen[-1] == seen[-1 - per]
-        wait("the operator to go idle", still, timeout=args.timeout, alive=alive)
+    op = Operator(cluster, name="operator-cpbench", namespaces=[NS], env=env).start()
+    pid = op.pid
 
     per_pool = math.ceil(n / len(pools))
     for pool in pools:
         api.create(custom("pools", NS), pool_body(pool, seats=per_pool, activationThreshold=0))
     wait("every pool active", lambda: all(
         ((api.call("GET", custom("pools", NS, p)).get("status") or {}).get("phase") == "active")
-        for p in pools), timeout=300, interval=1.0, alive=alive)
-    idle()
+        for p in pools), timeout=300, interval=1.0, alive=op.check_alive)
+    op.wait_idle(timeout=args.timeout)
     say(f"{len(pools)} pools active ({per_pool} seats per block each); operator idle, "
         f"RSS {proc_status_kb(pid, 'VmRSS') / 1024:.0f} MB")
 
@@ -446,45 +203,34 @@ def run(args: argparse.Namespace, cluster: LocalCluster) -> bool:
     for w in watchers:
         w.start()
     time.sleep(1.0)  # both watches listed (empty) and are watching
-    ops_before, api_before = operator_requests(port), apiserver_requests(cluster)
-    procs = {"operator": pid, "benchmark (client, watches)": os.getpid()}
-    for other in cluster.pids():
-        with contextlib.suppress(OSError):
-            procs[Path(f"/proc/{other}/comm").read_text().strip()] = other
+    ops_before, api_before = op.requests(), apiserver_requests(cluster)
+    procs = {"operator": pid, "benchmark (client, watches)": os.getpid(),
+             **cluster_processes(cluster)}
     cpu_before = cpu_by_process(procs)
-    rec_before = reconcile_times(port)
-    profiler = None
-    if args.profile:
-        import subprocess
+    rec_before = op.reconcile_times()
+    profiler = start_profile(args.profile, pid)
 
-        profiler = subprocess.Popen(
-            [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid),
-             "--output", args.profile, "--format", "raw", "--nonblocking"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def create_sub(i: int) -> None:
+    def create_sub(ns: str, i: int) -> None:
         body = sub_body(f"sub-{i:05d}", pools[i % len(pools)], [BLOCKS[(i // len(pools)) % 3]])
-        api.create(custom("subscriptions", NS), body)
+        api.create(custom("subscriptions", ns), body)
 
     started = time.monotonic()
-    create_s = run_threads(create_sub, range(n), threads)
+    create_s = run_threads(partial(create_sub, NS), range(n), threads)
     say(f"created {n} subscriptions in {create_s:.1f}s ({n / create_s:.0f}/s, {threads} "
         "client threads)")
     wait("every subscription active with its key Secret", lambda: progress.done_at,
-         timeout=args.timeout, progress=progress.describe, alive=alive)
+         timeout=args.timeout, progress=progress.describe, alive=op.check_alive)
     assert progress.done_at is not None
     burst_s = progress.done_at - started
-    ops_done, api_done = operator_requests(port), apiserver_requests(cluster)
+    ops_done, api_done = op.requests(), apiserver_requests(cluster)
     cpu_done = cpu_by_process(procs)
-    rec_done = reconcile_times(port)
-    if profiler is not None:
-        profiler.send_signal(signal.SIGINT)
-        profiler.wait(timeout=120)
+    rec_done = op.reconcile_times()
+    end_profile(profiler)
     hwm_done = proc_status_kb(pid, "VmHWM")
     say(f"all {n} active with their key Secret {burst_s:.1f}s after the first create")
-    idle()
+    op.wait_idle(timeout=args.timeout)
     settle_s = time.monotonic() - started
-    ops_idle, api_idle = operator_requests(port), apiserver_requests(cluster)
+    ops_idle, api_idle = op.requests(), apiserver_requests(cluster)
     hwm = proc_status_kb(pid, "VmHWM")
     rss = proc_status_kb(pid, "VmRSS")
     stop.set()
@@ -498,8 +244,6 @@ def run(args: argparse.Namespace, cluster: LocalCluster) -> bool:
                                   "subscriptionPhase", "poolPhase")}
 
     def create_secret(i: int) -> None:
-        import base64
-
         api.create(core("secrets", LIMIT_NS), {
             "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {"name": f"limit-{i:05d}", "labels": {"bench.gpupool.dev/limit": "1"}},
@@ -511,6 +255,15 @@ def run(args: argparse.Namespace, cluster: LocalCluster) -> bool:
     limit_s = run_threads(create_secret, range(n), threads)
     limit_cpu = {k: v - limit_cpu_before[k] for k, v in cpu_by_process(server_procs).items()}
 
+    # -- the floor: the same N Subscriptions (same pools, same client, same concurrency) in a
+    # namespace no operator watches: no operator can make them active faster than this ----------
+    for pool in pools:
+        api.create(custom("pools", FLOOR_NS),
+                   pool_body(pool, seats=per_pool, activationThreshold=0))
+    floor_cpu_before = cpu_by_process(server_procs)
+    floor_s = run_threads(partial(create_sub, FLOOR_NS), range(n), threads)
+    floor_cpu = {k: v - floor_cpu_before[k] for k, v in cpu_by_process(server_procs).items()}
+
     # -- report ------------------------------------------------------------------------------
     ops = ops_done - ops_before
     ops_all = ops_idle - ops_before
@@ -518,7 +271,7 @@ def run(args: argparse.Namespace, cluster: LocalCluster) -> bool:
     server_all = api_idle - api_before
     bench_own = Counter({"POST subscriptions": n, "GET/LIST subscriptions": 1,
                          "GET/LIST secrets": 1})
-    rate, limit_rate = n / burst_s, n / limit_s
+    rate, limit_rate, floor_rate = n / burst_s, n / limit_s, n / floor_s
     # The API server counts a GET of one custom resource as LIST: compare the two as one.
     others = _merge_get(server) - bench_own - _merge_get(ops)
     cpu = {k: cpu_done[k] - cpu_before[k] for k in procs}
@@ -530,6 +283,8 @@ def run(args: argparse.Namespace, cluster: LocalCluster) -> bool:
         "idle_s": round(settle_s, 2), "subs_per_s": round(rate, 1),
         "limit_s": round(limit_s, 2), "limit_per_s": round(limit_rate, 1),
         "ratio": round(rate / limit_rate, 3),
+        "floor_s": round(floor_s, 2), "floor_per_s": round(floor_rate, 1),
+        "floor_ratio": round(floor_rate / limit_rate, 3),
         "operator_requests_per_sub": round(sum(ops.values()) / n, 2),
         "operator_requests_per_sub_to_idle": round(sum(ops_all.values()) / n, 2),
         "apiserver_requests_per_sub": round(sum(server.values()) / n, 2),
@@ -539,6 +294,7 @@ def run(args: argparse.Namespace, cluster: LocalCluster) -> bool:
         "rss_mb_idle": round(rss / 1024, 1),
         "cpu_s": {k: round(v, 1) for k, v in cpu.items()},
         "limit_cpu_s": {k: round(v, 1) for k, v in limit_cpu.items()},
+        "floor_cpu_s": {k: round(v, 1) for k, v in floor_cpu.items()},
         "reconciles": {k: [int(c), round(t, 1)] for k, (c, t) in recs.items()},
         "operator_requests": dict(ops_all), "apiserver_requests": dict(server_all),
     }
@@ -550,7 +306,11 @@ def run(args: argparse.Namespace, cluster: LocalCluster) -> bool:
           f"{settle_s:.1f}s)")
     print(f"  limit      : {n} Secrets created straight through the API server in "
           f"{limit_s:.1f}s = {limit_rate:.1f} /s")
+    print(f"  floor      : {n} Subscriptions created straight through the API server (no "
+          f"operator) in {floor_s:.1f}s = {floor_rate:.1f} /s")
     print(f"  ratio      : {rate / limit_rate:.2f} of the limit")
+    print(f"  ceiling    : creating the Subscriptions alone (no operator) = "
+          f"{floor_rate / limit_rate:.2f} of the limit")
     print(f"  requests   : operator's client {sum(ops.values()) / n:.2f}/subscription until all "
           f"active ({sum(ops_all.values()) / n:.2f} until idle); API server in all "
           f"{sum(server.values()) / n:.2f}/subscription (the create included), of which kopf "
@@ -562,14 +322,17 @@ def run(args: argparse.Namespace, cluster: LocalCluster) -> bool:
     print(table(others, n))
     print(f"  CPU seconds until all active ({burst_s:.0f}s on {os.cpu_count()} CPUs): " + ", ".join(
         f"{k} {v:.0f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v >= 0.5))
-    print("  CPU seconds of the limit: " + ", ".join(
-        f"{k} {v:.1f}" for k, v in sorted(limit_cpu.items(), key=lambda kv: -kv[1])
-        if v >= 0.05))
+    for step, step_cpu in (("limit", limit_cpu), ("floor", floor_cpu)):
+        print(f"  CPU seconds of the {step}: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in sorted(step_cpu.items(), key=lambda kv: -kv[1])
+            if v >= 0.05))
     control = ("kube-apiserver", "etcd")
     per_sub = sum(cpu.get(k, 0.0) for k in (*control, "operator")) / n
     per_secret = sum(limit_cpu.get(k, 0.0) for k in control) / n
     figures["cpu_ms_per_sub"] = round(per_sub * 1000, 2)
     figures["cpu_ms_per_limit_secret"] = round(per_secret * 1000, 2)
+    figures["cpu_ms_per_floor_sub"] = round(
+        sum(floor_cpu.get(k, 0.0) for k in control) / n * 1000, 2)
     print(f"  CPU cost   : {per_sub * 1000:.1f} ms per subscription (API server, etcd and "
           f"operator) vs {per_secret * 1000:.1f} ms per Secret of the limit (API server and "
           f"etcd): on a machine the two saturate, at most {per_secret / per_sub:.2f} of the "
