@@ -40,10 +40,10 @@ ANNOTATION_APPROVED = f"{PREFIX}/key-approved"
 
 FINALIZER = f"{PREFIX}/finalizer"
 """kopf's own finalizer name (kopf adds and removes it for the handlers that need one)."""
-BILLING_FINALIZER = f"{PREFIX}/billing"
-"""Held by a Subscription while billing is on: its deletion waits until Stripe has been told.
-Managed by the subscription reconcile itself (kopf removes its own finalizer from objects no
-kopf handler needs it for)."""
+SUBSCRIPTION_FINALIZER = f"{PREFIX}/cancel"
+"""Held by every Subscription: its deletion waits until it is canceled (Stripe told, key gone,
+seats freed). Managed by the subscription reconcile itself (kopf removes its own finalizer
+from objects no kopf handler needs it for)."""
 
 _MAX_NAME = 63
 

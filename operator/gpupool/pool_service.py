@@ -39,9 +39,10 @@ LEDGER_INTERVAL = 0.5
 def claim_of(sub: Obj, preaccept: bool = False) -> ledger.Claim | None:
     """How the planner sees a subscription; None when its spec cannot be read at all.
 
-    ``preaccept`` (billing off): a new subscription in the pool's namespace is a claim before
-    its own reconcile has said Accepted; nothing it decides (a payment method) can refuse it
-    that the planner does not check itself (blocks offered, room left)."""
+    ``preaccept`` (billing off): a new subscription in the pool's namespace, with its
+    finalizer in place, is a claim before its own reconcile has said Accepted; nothing it
+    decides (a payment method) can refuse it that the planner does not check itself (blocks
+    offered, room left)."""
     meta = sub.get("metadata", {})
     spec = sub.get("spec") or {}
     status = sub.get("status") or {}
@@ -57,7 +58,8 @@ def claim_of(sub: Obj, preaccept: bool = False) -> ledger.Claim | None:
         quantity = int(status.get("heldQuantity") or quantity)
     if accepted is None:
         same_ns = (parsed.pool_ref.namespace or meta.get("namespace")) == meta.get("namespace")
-        ok = preaccept and same_ns and not status.get("phase")
+        ok = (preaccept and same_ns and not status.get("phase")
+              and names.SUBSCRIPTION_FINALIZER in (meta.get("finalizers") or []))
     else:
         ok = accepted.get("status") == "True"
     eligible = not meta.get("deletionTimestamp") and status.get("phase") != "canceled" and ok

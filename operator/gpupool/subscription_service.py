@@ -155,8 +155,7 @@ async def reconcile_subscription(ctl: Controller, key: tuple[str, str]) -> float
     if sub["metadata"].get("deletionTimestamp"):
         await _finalize(ctl, sub)
         return None
-    if ctl.billing.enabled:
-        sub = await _hold_finalizer(ctl, sub)
+    sub = await _hold_finalizer(ctl, sub)
     p = Pass(ctl, sub)
     try:
         spec = parse_subscription_spec(sub.get("spec") or {})
@@ -188,17 +187,15 @@ async def reconcile_subscription(ctl: Controller, key: tuple[str, str]) -> float
 
 
 async def _hold_finalizer(ctl: Controller, sub: Obj) -> Obj:
-    """With billing on, deletion must cancel the Stripe subscription first: the finalizer is
-    in place before the first Stripe step. Billing off, there is nothing outside the cluster
-    to undo: the pool frees the seats of a subscription that is gone, and its key Secret goes
-    with it (``_drop_orphaned_key``, and garbage collection through its owner reference)."""
+    """Deleting a Subscription cancels it: the finalizer is in place before its first seat,
+    key or Stripe step, so that once the object is gone, all of that is undone."""
     meta = sub["metadata"]
     held = list(meta.get("finalizers") or [])
-    if names.BILLING_FINALIZER in held:
+    if names.SUBSCRIPTION_FINALIZER in held:
         return sub
     patched = await ctl.kube.patch_custom(
         "subscriptions", meta["namespace"], meta["name"],
-        {"metadata": {"finalizers": [*held, names.BILLING_FINALIZER],
+        {"metadata": {"finalizers": [*held, names.SUBSCRIPTION_FINALIZER],
                       "resourceVersion": meta["resourceVersion"]}})
     if patched is None:
         raise RetryLater(1, "gone while adding the finalizer")
@@ -212,7 +209,7 @@ async def _finalize(ctl: Controller, sub: Obj) -> None:
     meta = sub["metadata"]
     ns, name = meta["namespace"], meta["name"]
     held = list(meta.get("finalizers") or [])
-    if names.BILLING_FINALIZER not in held:
+    if names.SUBSCRIPTION_FINALIZER not in held:
         await _delete_key_secret(ctl, ns, name)
         return
     status = sub.get("status") or {}
@@ -232,7 +229,7 @@ async def _finalize(ctl: Controller, sub: Obj) -> None:
         ctl.pools.add(pool_key)
         raise RetryLater(1, "waiting for the pool to release the seats")
     await ctl.kube.patch_custom("subscriptions", ns, name, {"metadata": {
-        "finalizers": [f for f in held if f != names.BILLING_FINALIZER],
+        "finalizers": [f for f in held if f != names.SUBSCRIPTION_FINALIZER],
         "resourceVersion": meta["resourceVersion"]}})
     ctl.open_keys.add(pool_key)
 

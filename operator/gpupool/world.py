@@ -11,6 +11,7 @@ does not repeat it or act on the state before it.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Hashable, Mapping
@@ -48,13 +49,31 @@ def pool_ref_of(sub: Mapping[str, Any]) -> Key:
 
 
 def slim(body: Obj) -> Obj:
-    """``body`` without ``metadata.managedFields``: nothing here reads them, and they are about
-    half of what a cached Subscription or key Secret costs in memory (benchmarks/control_plane.py
-    at 5,000 subscriptions)."""
+    """``body`` without ``metadata.managedFields``, its names and short strings shared.
+
+    Nothing here reads managedFields, and they are about half of what a cached Subscription or
+    key Secret costs. Every decoded watch event carries its own copy of each key and of values
+    that repeat across objects (timestamps, reasons, block names, prices); interned, 5,000
+    cached subscriptions share them (benchmarks/control_plane.py)."""
     meta = body.get("metadata")
-    if not isinstance(meta, dict) or "managedFields" not in meta:
-        return body
-    return {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+    if isinstance(meta, dict) and "managedFields" in meta:
+        body = {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+    shared: Obj = _shared(body)
+    return shared
+
+
+SHARED_MAX = 40
+"""Strings up to this long are interned; longer ones (messages, Secret data) rarely repeat."""
+
+
+def _shared(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {sys.intern(k) if isinstance(k, str) else k: _shared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shared(v) for v in value]
+    if isinstance(value, str) and len(value) <= SHARED_MAX:
+        return sys.intern(value)
+    return value
 
 
 class _Cache(dict[Key, Obj]):

@@ -563,8 +563,8 @@ def test_deleting_a_subscription_cancels_its_stripe_subscription_at_once(rig: Ri
     sub = rig.active_pool_with("del", "goner", rig.customer())
     sub_id = sub["status"]["billing"]["subscriptionId"]
     assert stripe_subscription(rig.stripe, sub_id)["status"] == "active"
-    # Billing on: the finalizer holds the deletion until Stripe has been told.
-    assert names.BILLING_FINALIZER in sub["metadata"]["finalizers"]
+    # The finalizer holds the deletion until Stripe has been told.
+    assert names.SUBSCRIPTION_FINALIZER in sub["metadata"]["finalizers"]
 
     deleted_at = time.time()
     rig.objs.delete("subscriptions", "goner")

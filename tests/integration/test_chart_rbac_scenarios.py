@@ -222,10 +222,9 @@ def _run_scenarios(objs: Objects, admin: RawApi, pool: str, op: OperatorProcess,
     wait_for(lambda: (condition(objs.sub("waiter"), "SeatsHeld") or {}).get("reason")
              == "PoolFull", timeout=30, message=describe)
 
-    # ... until a Subscription is deleted: its seats are freed and its key revoked. Billing is
-    # off, so nothing outside the cluster holds the deletion up: no finalizer.
+    # ... until a Subscription is deleted: the finalizer frees its seats and revokes its key.
     second = objs.sub("second")
-    assert names.BILLING_FINALIZER not in (second["metadata"].get("finalizers") or [])
+    assert names.SUBSCRIPTION_FINALIZER in second["metadata"]["finalizers"]
     objs.delete("subscriptions", "second")
     wait_for(lambda: objs.get("subscriptions", "second") is None, timeout=30,
              message=describe)

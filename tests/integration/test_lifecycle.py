@@ -70,8 +70,7 @@ def test_deleting_a_subscription_cancels_it_and_frees_seats(objs: Objects) -> No
     sub = objs.wait_phase("subscriptions", "goner", "active", timeout=60)
     secret = sub["status"]["keySecretName"]
     assert objs.secret_data(secret) is not None
-    # Billing is off: nothing outside the cluster to undo, so no finalizer holds the deletion.
-    assert "gpupool.dev/billing" not in (sub["metadata"].get("finalizers") or [])
+    assert "gpupool.dev/cancel" in sub["metadata"]["finalizers"]
     objs.delete("subscriptions", "goner")
     wait_for(lambda: objs.get("subscriptions", "goner") is None, timeout=30)
     pool = wait_for(lambda: (p := objs.pool("del-pool"))["status"]["pledgedSlots"] == 0 and p,
