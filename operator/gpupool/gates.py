@@ -16,6 +16,7 @@ repairs any drift.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from gpupool import events, keys, names
 from gpupool.blocks import BLOCK_ORDER, Block, block_at, next_boundary, normalize_blocks
 from gpupool.gate import OPEN, gate_state
+from gpupool.kube import Conflict
 from gpupool.world import Key
 
 if TYPE_CHECKING:
@@ -65,6 +67,7 @@ class GateKeeper:
         self.ctl = ctl
         self.concurrency = concurrency
         self._written: dict[Key, dict[str, str]] = {}
+        self._written_rv: dict[Key, str] = {}
         self._locks: dict[Key, asyncio.Lock] = {}
         self._synced_at: dict[Key, float] = {}
         self._decoded: dict[Key, _KeyInfo] = {}
@@ -163,14 +166,28 @@ class GateKeeper:
         body = keys.build_open_keys_secret(namespace=key[0], pool=key[1],
                                            pool_uid=pool["metadata"]["uid"], open_keys=want)
         name = names.open_keys_secret_name(key[1])
-        current = await ctl.kube.get("secrets", key[0], name)
-        if current is None:
-            await ctl.kube.create("secrets", key[0], body)
-        elif keys.decode(current.get("data")) != want:
+        path = ctl.kube.core_path("secrets", key[0], name)
+        written = None
+        rv = self._written_rv.get(key)
+        if rv is not None:
+            # Replaced on the version this process wrote last, without reading it first; if
+            # anyone else wrote it since, that conflicts and it is read below.
             replacement = {**body, "metadata": {**body["metadata"],  # type: ignore[dict-item]
-                           "resourceVersion": current["metadata"]["resourceVersion"]}}
-            await ctl.kube.request("PUT", ctl.kube.core_path("secrets", key[0], name),
-                                   replacement)
+                           "resourceVersion": rv}}
+            with contextlib.suppress(Conflict):
+                written = await ctl.kube.request("PUT", path, replacement)
+        if written is None:
+            current = await ctl.kube.get("secrets", key[0], name)
+            if current is None:
+                written = await ctl.kube.create("secrets", key[0], body)
+            elif keys.decode(current.get("data")) != want:
+                replacement = {**body, "metadata": {**body["metadata"],  # type: ignore[dict-item]
+                               "resourceVersion": current["metadata"]["resourceVersion"]}}
+                written = await ctl.kube.request("PUT", path, replacement)
+            else:
+                written = current
+        if written is not None:
+            self._written_rv[key] = str(written["metadata"]["resourceVersion"])
         self._written[key] = want
         ctl.metrics.keys_open(key, len(want))
 

@@ -19,6 +19,20 @@ log = logging.getLogger(__name__)
 MANAGED = {"app.kubernetes.io/managed-by": "gpupool"}
 
 
+class NoDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """The operator has no on.create/on.update handlers, so nothing reads kopf's diff base;
+    kopf would still build it (a deep copy of every body, status included) on every event."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 def _ctl(memo: Any) -> Controller:
     ctl: Controller = memo.ctl
     return ctl
@@ -28,8 +42,7 @@ def _ctl(memo: Any) -> Controller:
 async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     settings.persistence.finalizer = names.FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=names.PREFIX, key="last-handled-configuration")
+    settings.persistence.diffbase_storage = NoDiffBase(prefix=names.PREFIX)
     # Phase changes are Events the operator posts itself; kopf's own log lines stay in the log.
     settings.posting.level = logging.ERROR
     settings.watching.server_timeout = 300
@@ -98,8 +111,11 @@ async def subscription_event(type: str, body: kopf.Body, memo: Any,
         ctl.subs.add(key)  # its key Secret goes now
         ctl.open_keys.add(pool_ref_of(new))
         return
+    echo = ctl.world.echo("Subscription", key, new)
     ctl.world.put_sub(new)
-    ctl.subs.add(key)
+    if not echo:
+        # An echo of the operator's own write was decided by the pass that wrote it.
+        ctl.subs.add(key)
     old_st, new_st = (old or {}).get("status") or {}, new.get("status") or {}
     if old is None or any(old_st.get(f) != new_st.get(f) for f in ("phase", "gate", "keyId")):
         # The open-keys Secret is built from this view; rebuild it now that the view has moved.

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from gpupool import events, keys, ledger, names, workload
 from gpupool.blocks import BLOCK_ORDER, Block, normalize_blocks
 from gpupool.conditions import get_condition, iso, set_condition
-from gpupool.kube import ApiError
+from gpupool.kube import ApiError, Conflict
 from gpupool.models import (
     PoolSpec,
     describe_validation_error,
@@ -23,6 +23,7 @@ from gpupool.models import (
     parse_subscription_spec,
 )
 from gpupool.pricing import format_money, min_price
+from gpupool.world import key_of
 
 if TYPE_CHECKING:
     from gpupool.controller import Controller
@@ -121,15 +122,28 @@ def ledger_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, An
 
 
 async def reconcile_pool(ctl: Controller, key: tuple[str, str]) -> float | None:
-    ns, name = key
     # One ledger write per pool per LEDGER_INTERVAL at most: in a burst the claims that arrive
     # meanwhile are admitted together, in one write of an object that grows with its holders.
     wait = ctl.world.ledger_written.get(key, float("-inf")) + LEDGER_INTERVAL - time.monotonic()
     if wait > 0:
         await asyncio.sleep(wait)
-    # The ledger is planned from the object as stored, and written on its resourceVersion.
-    pool = await ctl.kube.get_custom("pools", ns, name)
+    # The ledger is written on the resourceVersion it was planned from. Planned from the
+    # newest copy known here (the watch's, or this process's own last write); when someone
+    # else wrote since, the write conflicts and the pass runs again from the stored object.
+    cached = ctl.world.latest("Pool", key)
+    if cached is not None:
+        try:
+            return await _reconcile_pool(ctl, key, cached)
+        except Conflict:
+            log.debug("pool %s/%s: cached copy out of date; reading it", *key)
+    pool = await ctl.kube.get_custom("pools", *key)
     ctl.world.wrote(pool)
+    return await _reconcile_pool(ctl, key, pool)
+
+
+async def _reconcile_pool(ctl: Controller, key: tuple[str, str],
+                          pool: Obj | None) -> float | None:
+    ns, name = key
     if pool is None or pool["metadata"].get("deletionTimestamp"):
         for sub_key in ctl.world.sub_keys_of_pool(key):
             ctl.subs.add(sub_key)
@@ -191,7 +205,6 @@ async def reconcile_pool(ctl: Controller, key: tuple[str, str]) -> float | None:
     phase = decide_phase(spec, activated, pledged, available)
     if phase == "active" and not activated:
         activated_at = iso(now)
-        await events.post(ctl.kube, pool, "Activated", "the pool's workload is Available")
 
     conds = await _workload_conditions(ctl, pool, spec, phase, desired, dep, available, ready,
                                        conds, gen, now)
@@ -233,6 +246,8 @@ async def reconcile_pool(ctl: Controller, key: tuple[str, str]) -> float | None:
         if lp:
             ctl.world.ledger_written[key] = time.monotonic()
         ctl.metrics.seats(ns, name, reserved, capacity)
+    if activated_at and not activated:
+        await events.post(ctl.kube, pool, "Activated", "the pool's workload is Available")
     if status.get("phase") != phase:
         log.info("pool %s/%s: %s -> %s", ns, name, status.get("phase"), phase)
         await events.post(ctl.kube, pool, "PhaseChanged", f"{status.get('phase')} -> {phase}")
@@ -262,7 +277,21 @@ async def _claims(ctl: Controller, key: tuple[str, str],
         if sub is not None and sub["metadata"].get("uid") == uid:
             subs[name] = sub
     preaccept = not ctl.billing.enabled
-    return [c for s in subs.values() if (c := claim_of(s, preaccept)) is not None]
+    return [c for s in subs.values() if (c := _cached_claim(ctl, key_of(s), s, preaccept))]
+
+
+def _cached_claim(ctl: Controller, key: tuple[str, str], sub: Obj,
+                  preaccept: bool) -> ledger.Claim | None:
+    """``claim_of``, once per resourceVersion: a pool's pass reads every subscriber."""
+    rv = str(sub.get("metadata", {}).get("resourceVersion", ""))
+    held = ctl.world.claims.get(key)
+    if held is not None and rv and held[0] == rv and held[1] == preaccept:
+        claim: ledger.Claim | None = held[2]
+        return claim
+    claim = claim_of(sub, preaccept)
+    if rv and key in ctl.world.subs:
+        ctl.world.claims[key] = (rv, preaccept, claim)
+    return claim
 
 
 def _reason(sub: Obj) -> str | None:

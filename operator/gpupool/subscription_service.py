@@ -42,8 +42,8 @@ PAYMENT_METHOD_RECHECK = 30.0
 RESERVATION_DUE = "ReservationFeeDue"
 RESERVATION_RETRY = 300.0
 POOL_SPEC_VALID = "PoolSpecValid"
-FRESH_SECONDS = 10.0
-"""How long a new subscription waits for its pool to seat it before saying it is pending."""
+FRESH_SECONDS = 60.0
+"""How long at most a new subscription waits for its pool's pass before saying it is pending."""
 NOTE_RANK = {"KeyIssued": 0, "KeyRotated": 0, "KeyRevoked": 0, "PhaseChanged": 1}
 """Which reason names a pass's one Event when several things happened (lowest first)."""
 
@@ -405,10 +405,11 @@ async def _not_holding(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, poo
             if capacity[b] - int((reserved.get(b.value) or {}).get("reserved", 0)) < spec.quantity]
     if not full and not p.old.get("phase") and not p.ctl.billing.enabled:
         # A new subscription the pool has room for: with billing off the pool seats it without
-        # waiting for an Accepted condition, and wakes it once it has. Saying "pending" first
-        # would be one more write (and Event) per subscription, overwritten within a second.
+        # waiting for an Accepted condition, and wakes it once it has (or once it knows why it
+        # cannot). Saying "pending" while the pool's pass is on its way would be one more write
+        # and Event per subscription, overwritten within a second or so.
         age = p.ctl.world.sub_age((p.ns, p.name))
-        if age < FRESH_SECONDS:
+        if age < FRESH_SECONDS and p.ctl.pools.pending((p.ns, spec.pool_ref.name)):
             p.defer = True
             p.wake(FRESH_SECONDS - age)
             return

@@ -70,6 +70,10 @@ class WorkQueue:
     def idle(self) -> bool:
         return not self._queued and not self._active
 
+    def pending(self, key: Hashable) -> bool:
+        """Whether ``key`` has a pass queued or running (delayed wake-ups not counted)."""
+        return key in self._queued or key in self._active
+
     async def _clock(self) -> None:
         while True:
             now = time.monotonic()

@@ -93,6 +93,8 @@ class World:
         """When this process last wrote each pool's ledger (monotonic seconds)."""
         self._subs_by_pool: dict[Key, set[Key]] = defaultdict(set)
         self._sub_seen: dict[Key, float] = {}
+        self.claims: dict[Key, tuple[str, bool, Any]] = {}
+        """The planner's reading of each subscription, by resourceVersion (pool_service)."""
         self._written: dict[tuple[str, Key], tuple[float, Obj]] = {}
         self._applied: dict[Hashable, tuple[str, float]] = {}
 
@@ -108,6 +110,7 @@ class World:
     def drop_sub(self, key: Key) -> None:
         self._written.pop(("Subscription", key), None)
         self._sub_seen.pop(key, None)
+        self.claims.pop(key, None)
         old = self.subs.pop(key, None)
         if old is not None:
             self._subs_by_pool[pool_ref_of(old)].discard(key)
@@ -143,6 +146,12 @@ class World:
             for gone in [k for k, (at, b) in self._written.items() if now - at > WRITTEN_TTL
                          or not _newer(b, self._watched(k[0]).get(k[1]) or {})]:
                 del self._written[gone]
+
+    def echo(self, kind: str, key: Key, body: Obj) -> bool:
+        """Whether ``body`` (from a watch) is exactly the operator's own last write."""
+        held = self._written.get((kind, key))
+        rv = resource_version(body)
+        return held is not None and rv is not None and resource_version(held[1]) == rv
 
     def forget(self, kind: str, key: Key) -> None:
         """The operator deleted the object: its written copy no longer stands."""
