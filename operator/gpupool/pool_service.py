@@ -121,6 +121,21 @@ def ledger_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, An
     return patch
 
 
+def ledger_change(old_raw: Mapping[str, Any], parsed: int,
+                  planned: ledger.Plan) -> dict[str, Any]:
+    """The merge-patch from the stored ledger to the planned one.
+
+    Only the holders admitted or released can differ, so only those are compared (a pool's
+    ledger has one entry per holder, and a pass in a burst admits a few of hundreds). Entries
+    the parser had to drop (written around the schema) make it compare the whole ledger."""
+    if parsed != len(old_raw):
+        return ledger_patch(old_raw, ledger.dump_ledger(planned.ledger))
+    changed = set(planned.admitted) | set(planned.released)
+    old = {n: old_raw[n] for n in changed if n in old_raw}
+    new = ledger.dump_ledger({n: planned.ledger[n] for n in changed if n in planned.ledger})
+    return ledger_patch(old, new)
+
+
 async def reconcile_pool(ctl: Controller, key: tuple[str, str]) -> float | None:
     # One ledger write per pool per LEDGER_INTERVAL at most: in a burst the claims that arrive
     # meanwhile are admitted together, in one write of an object that grows with its holders.
@@ -177,11 +192,11 @@ async def _reconcile_pool(ctl: Controller, key: tuple[str, str],
     else:
         conds = set_condition(conds, "Ready", True, "SpecValid", "spec accepted", gen, now)
 
-    claims = await _claims(ctl, key, ledger.parse_ledger(status.get("ledger")))
-    admitting = spec.published and not spec.paused
     old_ledger_raw = status.get("ledger") or {}
-    planned = ledger.plan(spec.capacity(), ledger.parse_ledger(old_ledger_raw), claims, admitting)
-    new_ledger_raw = ledger.dump_ledger(planned.ledger)
+    old_ledger = ledger.parse_ledger(old_ledger_raw)
+    claims = await _claims(ctl, key, old_ledger)
+    admitting = spec.published and not spec.paused
+    planned = ledger.plan(spec.capacity(), old_ledger, claims, admitting)
     pledged = planned.pledged_slots()
 
     activated_at = status.get("activatedAt")
@@ -235,7 +250,7 @@ async def _reconcile_pool(ctl: Controller, key: tuple[str, str],
                 patch[k] = ledger_patch(was, v)
             else:
                 patch[k] = v
-    lp = ledger_patch(old_ledger_raw, new_ledger_raw)
+    lp = ledger_change(old_ledger_raw, len(old_ledger), planned)
     if lp:
         patch["ledger"] = lp
     if patch:

@@ -13,9 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpupool.blocks import Block
-from gpupool.ledger import dump_ledger
+from gpupool.ledger import Claim, dump_ledger, parse_ledger, plan
 from gpupool.models import parse_pool_spec
-from gpupool.pool_service import claim_of, decide_phase, deployment_ready, ledger_patch
+from gpupool.pool_service import (
+    claim_of,
+    decide_phase,
+    deployment_ready,
+    ledger_change,
+    ledger_patch,
+)
 from gpupool.subscription_service import add_months, gate_fields, parse_time
 
 A, E, M = Block.ASIA, Block.EUROPE, Block.AMERICAS
@@ -148,6 +154,36 @@ def test_ledger_patch_works_on_dumped_ledgers() -> None:
     assert merge_patch(old, ledger_patch(old, new)) == new
 
 
+claim_sets = st.lists(
+    st.builds(lambda name, uid, blocks, qty, eligible, created: Claim(
+        name=name, uid=uid, created=f"2026-05-01T10:00:0{created}Z", blocks=blocks,
+        quantity=qty, eligible=eligible),
+        st.sampled_from("abcdef"), st.sampled_from(["u1", "u2"]),
+        st.sampled_from([(A,), (E,), (A, M), (A, E, M)]), st.integers(1, 3), st.booleans(),
+        st.integers(0, 9)),
+    max_size=8, unique_by=lambda c: c.name)
+
+
+@settings(deadline=None)
+@given(ledger_entries, claim_sets, st.booleans())
+def test_ledger_change_is_the_whole_ledger_diff(old: dict[str, Any], claims: list[Claim],
+                                                admitting: bool) -> None:
+    """Comparing only the holders admitted or released gives the same merge-patch as
+    comparing the whole ledger."""
+    parsed = parse_ledger(old)
+    planned = plan({A: 6, E: 6, M: 6}, parsed, claims, admitting)
+    patch = ledger_change(old, len(parsed), planned)
+    assert merge_patch(old, patch) == dump_ledger(planned.ledger)
+    assert patch == ledger_patch(old, dump_ledger(planned.ledger))
+
+
+def test_ledger_change_repairs_entries_written_around_the_schema() -> None:
+    old: dict[str, Any] = {"a": {"uid": "u1", "seats": {"asia": [0]}}, "junk": "not an entry"}
+    parsed = parse_ledger(old)
+    planned = plan({A: 2}, parsed, [Claim("a", "u1", "t", (A,), 1, True)], True)
+    assert ledger_change(old, len(parsed), planned) == {"junk": None}
+
+
 # -- claim_of -----------------------------------------------------------------------------------
 
 
@@ -193,6 +229,20 @@ def test_claims_that_must_not_hold_seats(body: dict[str, Any]) -> None:
 def test_holding_phases_stay_eligible(phase: str) -> None:
     c = claim_of(sub_obj(phase=phase))
     assert c is not None and c.eligible
+
+
+def test_preaccept_claims_a_new_subscription_once_its_finalizer_is_in_place() -> None:
+    fresh = sub_obj(accepted=None)
+    assert not claim_of(fresh, preaccept=True).eligible  # type: ignore[union-attr]
+    fresh["metadata"]["finalizers"] = ["gpupool.dev/cancel"]
+    assert claim_of(fresh, preaccept=True).eligible  # type: ignore[union-attr]
+    assert not claim_of(fresh, preaccept=False).eligible  # type: ignore[union-attr]
+    elsewhere = sub_obj(accepted=None, poolRef={"name": "p", "namespace": "other"})
+    elsewhere["metadata"].update(namespace="mine", finalizers=["gpupool.dev/cancel"])
+    assert not claim_of(elsewhere, preaccept=True).eligible  # type: ignore[union-attr]
+    refused = sub_obj(accepted="False")
+    refused["metadata"]["finalizers"] = ["gpupool.dev/cancel"]
+    assert not claim_of(refused, preaccept=True).eligible  # type: ignore[union-attr]
 
 
 def test_claim_of_an_unreadable_spec_is_none() -> None:
