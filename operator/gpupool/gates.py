@@ -237,12 +237,18 @@ class GateKeeper:
         pools = sorted({f.pool for f in flips})
         failed = [e for e in await run([partial(self.sync_open_keys, k, settle=False)
                                          for k in pools]) if e]
+        async def remembered(write: Awaitable[Obj | None]) -> None:
+            # Recorded as the operator's own writes: their watch echoes start no reconcile.
+            ctl.world.wrote(await write)
+
         calls: list[Callable[[], Awaitable[Any]]] = []
         for f in flips:
             ns, name = f.sub["metadata"]["namespace"], f.sub["metadata"]["name"]
-            calls.append(partial(ctl.kube.patch, "secrets", ns, f.secret_name,
-                                 {"metadata": {"labels": {names.LABEL_GATE: f.gate}}}))
-            calls.append(partial(ctl.kube.patch_status, "subscriptions", ns, name, f.fields))
+            calls.append(partial(remembered, ctl.kube.patch(
+                "secrets", ns, f.secret_name,
+                {"metadata": {"labels": {names.LABEL_GATE: f.gate}}})))
+            calls.append(partial(remembered, ctl.kube.patch_status(
+                "subscriptions", ns, name, f.fields)))
         outcomes = await run(calls)
         done = [f for i, f in enumerate(flips) if not outcomes[2 * i] and not outcomes[2 * i + 1]]
         failed += [e for e in outcomes if e]
