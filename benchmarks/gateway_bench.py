@@ -230,6 +230,20 @@ class Result:
     cpu_us: float = float("nan")  # CPU time of the target's own process per request
 
 
+def summarize(target: str, clients: int, latencies: list[int], errors: int, duration: float,
+              cpu: list[float]) -> Result:
+    """Percentiles (ms) of the latencies (ns), the rate, and the target's CPU per request
+    (``cpu``: its CPU seconds at the start and the end of the measurement)."""
+    latencies.sort()
+    n = len(latencies)
+
+    def pct(p: float) -> float:
+        return latencies[min(n - 1, int(p * n))] / 1e6 if n else float("nan")
+
+    cpu_us = (cpu[1] - cpu[0]) / n * 1e6 if len(cpu) == 2 and n else float("nan")
+    return Result(target, clients, n, errors, n / duration, pct(0.50), pct(0.99), cpu_us)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of one process (Linux /proc)."""
     try:
@@ -284,14 +298,7 @@ async def load(port: int, key: str, clients: int, warmup: float, duration: float
     for c in conns:
         if c.transport is not None:
             c.transport.close()
-    latencies.sort()
-    n = len(latencies)
-
-    def pct(p: float) -> float:
-        return latencies[min(n - 1, int(p * n))] / 1e6 if n else float("nan")
-
-    cpu_us = (cpu[1] - cpu[0]) / n * 1e6 if len(cpu) == 2 and n else float("nan")
-    return Result(target, clients, n, errors, n / duration, pct(0.50), pct(0.99), cpu_us)
+    return summarize(target, clients, latencies, errors, duration, cpu)
 
 
 async def load_rate(port: int, key: str, rate: float, warmup: float, duration: float,
@@ -377,15 +384,8 @@ async def load_rate(port: int, key: str, rate: float, warmup: float, duration: f
     for c in every:
         if c.transport is not None:
             c.transport.close()
-    latencies.sort()
-    n = len(latencies)
-
-    def pct(p: float) -> float:
-        return latencies[min(n - 1, int(p * n))] / 1e6 if n else float("nan")
-
-    cpu_us = (cpu[1] - cpu[0]) / n * 1e6 if len(cpu) == 2 and n else float("nan")
-    errors += max(0, measured_sent - n - errors)
-    return Result(target, -int(rate), n, errors, n / duration, pct(0.50), pct(0.99), cpu_us)
+    errors += max(0, measured_sent - len(latencies) - errors)
+    return summarize(target, -int(rate), latencies, errors, duration, cpu)
 
 
 async def drain(port: int, key: str, timeout: float = 90.0) -> None:

@@ -167,23 +167,24 @@ class GateKeeper:
                                            pool_uid=pool["metadata"]["uid"], open_keys=want)
         name = names.open_keys_secret_name(key[1])
         path = ctl.kube.core_path("secrets", key[0], name)
+
+        async def replace(resource_version: str) -> Obj | None:
+            return await ctl.kube.request("PUT", path, {**body, "metadata": {
+                **body["metadata"], "resourceVersion": resource_version}})  # type: ignore[dict-item]
+
         written = None
         rv = self._written_rv.get(key)
         if rv is not None:
             # Replaced on the version this process wrote last, without reading it first; if
             # anyone else wrote it since, that conflicts and it is read below.
-            replacement = {**body, "metadata": {**body["metadata"],  # type: ignore[dict-item]
-                           "resourceVersion": rv}}
             with contextlib.suppress(Conflict):
-                written = await ctl.kube.request("PUT", path, replacement)
+                written = await replace(rv)
         if written is None:
             current = await ctl.kube.get("secrets", key[0], name)
             if current is None:
                 written = await ctl.kube.create("secrets", key[0], body)
             elif keys.decode(current.get("data")) != want:
-                replacement = {**body, "metadata": {**body["metadata"],  # type: ignore[dict-item]
-                               "resourceVersion": current["metadata"]["resourceVersion"]}}
-                written = await ctl.kube.request("PUT", path, replacement)
+                written = await replace(current["metadata"]["resourceVersion"])
             else:
                 written = current
         if written is not None:
@@ -237,18 +238,19 @@ class GateKeeper:
         pools = sorted({f.pool for f in flips})
         failed = [e for e in await run([partial(self.sync_open_keys, k, settle=False)
                                          for k in pools]) if e]
-        async def remembered(write: Awaitable[Obj | None]) -> None:
+
+        async def remembered(write: Callable[[], Awaitable[Obj | None]]) -> None:
             # Recorded as the operator's own writes: their watch echoes start no reconcile.
-            ctl.world.wrote(await write)
+            ctl.world.wrote(await write())
 
         calls: list[Callable[[], Awaitable[Any]]] = []
         for f in flips:
             ns, name = f.sub["metadata"]["namespace"], f.sub["metadata"]["name"]
-            calls.append(partial(remembered, ctl.kube.patch(
-                "secrets", ns, f.secret_name,
+            calls.append(partial(remembered, partial(
+                ctl.kube.patch, "secrets", ns, f.secret_name,
                 {"metadata": {"labels": {names.LABEL_GATE: f.gate}}})))
-            calls.append(partial(remembered, ctl.kube.patch_status(
-                "subscriptions", ns, name, f.fields)))
+            calls.append(partial(remembered, partial(
+                ctl.kube.patch_status, "subscriptions", ns, name, f.fields)))
         outcomes = await run(calls)
         done = [f for i, f in enumerate(flips) if not outcomes[2 * i] and not outcomes[2 * i + 1]]
         failed += [e for e in outcomes if e]

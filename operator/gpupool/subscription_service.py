@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import calendar
 import logging
-from collections.abc import Awaitable
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -46,10 +45,6 @@ FRESH_SECONDS = 60.0
 """How long at most a new subscription waits for its pool's pass before saying it is pending."""
 NOTE_RANK = {"KeyIssued": 0, "KeyRotated": 0, "KeyRevoked": 0, "PhaseChanged": 1}
 """Which reason names a pass's one Event when several things happened (lowest first)."""
-
-
-async def _maybe(write: Awaitable[Obj | None] | None) -> Obj | None:
-    return None if write is None else await write
 
 
 def add_months(at: datetime, months: int) -> datetime:
@@ -109,13 +104,15 @@ class Pass:
             log.info("subscription %s/%s: %s -> %s", self.ns, self.name, before, after)
             self.notes.insert(0, ("PhaseChanged", f"{before} -> {after}", "Normal"))
             self.ctl.metrics.transition(after or "")
-        write = self.ctl.kube.patch_status("subscriptions", self.ns, self.name, patch) \
-            if patch else None
+
+        async def write() -> None:
+            if patch:
+                self.ctl.world.wrote(await self.ctl.kube.patch_status(
+                    "subscriptions", self.ns, self.name, patch))
+
         # The Event goes out alongside the status write, not after it: a key issued is said
         # once the Secret holds it, whichever of the two a crash cuts short.
-        written, _ = await asyncio.gather(_maybe(write), self._post_notes())
-        if written is not None:
-            self.ctl.world.wrote(written)
+        await asyncio.gather(write(), self._post_notes())
 
     async def _post_notes(self) -> None:
         if not self.notes:
@@ -210,7 +207,7 @@ async def _finalize(ctl: Controller, sub: Obj) -> None:
     ns, name = meta["namespace"], meta["name"]
     held = list(meta.get("finalizers") or [])
     if names.SUBSCRIPTION_FINALIZER not in held:
-        await _delete_key_secret(ctl, ns, name)
+        await _delete_key_secret(ctl, ns, names.key_secret_name(name))
         return
     status = sub.get("status") or {}
     billing = status.get("billing") or {}
@@ -219,7 +216,7 @@ async def _finalize(ctl: Controller, sub: Obj) -> None:
         await ctl.billing.cancel_now(billing["subscriptionId"])
         ctl.world.wrote(await ctl.kube.patch_status("subscriptions", ns, name,
                                                     {"billing": {"status": "canceled"}}))
-    await _delete_key_secret(ctl, ns, name)
+    await _delete_key_secret(ctl, ns, names.key_secret_name(name))
     pool_key = pool_ref_of(sub)
     pool = await ctl.kube.get_custom("pools", *pool_key)
     holder = ledger.parse_ledger(((pool or {}).get("status") or {}).get("ledger")).get(name)
@@ -239,11 +236,10 @@ async def _drop_orphaned_key(ctl: Controller, key: tuple[str, str]) -> None:
     rather than whenever garbage collection gets to it."""
     secret = (key[0], names.key_secret_name(key[1]))
     if secret in ctl.world.key_secrets:
-        await _delete_key_secret(ctl, *key)
+        await _delete_key_secret(ctl, *secret)
 
 
-async def _delete_key_secret(ctl: Controller, ns: str, sub_name: str) -> None:
-    secret = names.key_secret_name(sub_name)
+async def _delete_key_secret(ctl: Controller, ns: str, secret: str) -> None:
     await ctl.kube.delete("secrets", ns, secret)
     ctl.world.forget("Secret", (ns, secret))
 
@@ -680,8 +676,7 @@ async def _key_secret(p: Pass, secret_name: str) -> Obj | None:
 async def _drop_key(p: Pass) -> None:
     secret_name = p.status.get("keySecretName") or names.key_secret_name(p.name)
     if await _key_secret(p, secret_name) is not None:
-        await p.ctl.kube.delete("secrets", p.ns, secret_name)
-        p.ctl.world.forget("Secret", (p.ns, secret_name))
+        await _delete_key_secret(p.ctl, p.ns, secret_name)
         p.note("KeyRevoked", f"Secret {secret_name} deleted")
     p.status.pop("keySecretName", None)
     p.status.pop("keyId", None)

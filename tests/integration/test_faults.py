@@ -37,7 +37,6 @@ from support.clock import ShiftedClock
 from support.kube import raw
 from support.objects import GROUP, VERSION, Objects, condition, pool_body, sub_body
 from support.operator import OperatorProcess
-from support.operator_fixtures import make_namespace
 from support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -56,14 +55,6 @@ HOLDING = ("pledged", "pending_key", "active", "past_due")
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-@pytest.fixture
-def second_namespace(kube: client.ApiClient, crds: Any) -> Iterator[str]:
-    """Another namespace the shared operator ignores (an undisturbed twin, a foreign pool)."""
-    name = make_namespace(kube, "x")
-    yield name
-    client.CoreV1Api(kube).delete_namespace(name)
-
-
 @contextlib.contextmanager
 def own_operator(cluster: Any, name: str, namespaces: list[str],
                  faketime: str | None = None) -> Iterator[OperatorProcess]:

@@ -69,12 +69,23 @@ def make_namespace(api_client: client.ApiClient, prefix: str = "t") -> str:
     return name
 
 
-@pytest.fixture
-def own_namespace(kube: client.ApiClient, crds: Path) -> Iterator[str]:
-    """A namespace the shared operator ignores, for a test that runs an operator of its own."""
+def _ignored_namespace(kube: client.ApiClient) -> Iterator[str]:
+    """A namespace the shared operator ignores (its name starts with ``x-``), deleted after."""
     name = make_namespace(kube, "x")
     yield name
     client.CoreV1Api(kube).delete_namespace(name)
+
+
+@pytest.fixture
+def own_namespace(kube: client.ApiClient, crds: Path) -> Iterator[str]:
+    """A namespace the shared operator ignores, for a test that runs an operator of its own."""
+    yield from _ignored_namespace(kube)
+
+
+@pytest.fixture
+def second_namespace(kube: client.ApiClient, crds: Path) -> Iterator[str]:
+    """Another namespace the shared operator ignores (an undisturbed twin, a foreign pool)."""
+    yield from _ignored_namespace(kube)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ your own kubeconfig (they create and delete a Secret in the namespace). The name
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -155,10 +154,8 @@ def main(argv: list[str]) -> int:
         print("gpupool api: --namespace is required (or set POD_NAMESPACE)", file=sys.stderr)
         return 2
     _logging(getattr(args, "log_level", "warning"))
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a pinned dependency
-        return asyncio.run(runner(args))
+    import uvloop
+
     return uvloop.run(runner(args))
 
 

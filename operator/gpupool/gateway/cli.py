@@ -14,7 +14,6 @@ port; ``--metrics-port 0`` serves ``/metrics`` on the main port instead.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -98,10 +97,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a pinned dependency
-        return asyncio.run(serve(args))
+    import uvloop
+
     return uvloop.run(serve(args))
 
 
