@@ -10,7 +10,7 @@ from collections.abc import Callable, Hashable
 from datetime import datetime
 from typing import Any
 
-from gpupool import names
+from gpupool import keys
 from gpupool.billing_port import Billing, NoBilling
 from gpupool.blocks import utcnow
 from gpupool.gates import GateKeeper
@@ -95,8 +95,7 @@ class Controller:
                 self.pools.add(key)
             for key in list(self.world.subs):
                 self.subs.add(key)
-            for ns, secret in list(self.world.key_secrets):
-                sub = (self.world.key_secrets[(ns, secret)].get("metadata", {}).get("labels")
-                       or {}).get(names.LABEL_SUBSCRIPTION)
+            for (ns, _), secret in list(self.world.key_secrets.items()):
+                sub = keys.owned_by_subscription(secret)
                 if sub and (ns, sub) not in self.world.subs:
                     self.subs.add((ns, sub))  # a key Secret whose subscription may be gone

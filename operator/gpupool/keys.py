@@ -6,6 +6,7 @@ import base64
 import hashlib
 import secrets
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from gpupool import API_VERSION, names
 from gpupool.blocks import Block
@@ -28,6 +29,23 @@ def key_id(subscription_uid: str, generation: int = 0) -> str:
 def owner_reference(kind: str, name: str, uid: str) -> dict[str, object]:
     return {"apiVersion": API_VERSION, "kind": kind, "name": name, "uid": uid,
             "controller": True, "blockOwnerDeletion": True}
+
+
+def owned_by_subscription(secret: Mapping[str, Any]) -> str | None:
+    """The subscription a key Secret was made for, by its owner reference; None for a Secret
+    that only carries the labels (made by hand or by another tool), which is not ours to delete."""
+    for ref in (secret.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("kind") == "Subscription" and ref.get("apiVersion") == API_VERSION:
+            return str(ref.get("name"))
+    return None
+
+
+def owner_uid(secret: Mapping[str, Any]) -> str | None:
+    """The uid of the Subscription a key Secret was made for (see :func:`owned_by_subscription`)."""
+    for ref in (secret.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("kind") == "Subscription" and ref.get("apiVersion") == API_VERSION:
+            return str(ref.get("uid"))
+    return None
 
 
 def key_secret_data(*, api_key: str, kid: str, pool: str, subscription: str, customer_id: str,

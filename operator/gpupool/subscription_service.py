@@ -207,7 +207,7 @@ async def _finalize(ctl: Controller, sub: Obj) -> None:
     ns, name = meta["namespace"], meta["name"]
     held = list(meta.get("finalizers") or [])
     if names.SUBSCRIPTION_FINALIZER not in held:
-        await _delete_key_secret(ctl, ns, names.key_secret_name(name))
+        await _delete_key_secret(ctl, name, await _read_key_secret(ctl, ns, name))
         return
     status = sub.get("status") or {}
     billing = status.get("billing") or {}
@@ -216,7 +216,7 @@ async def _finalize(ctl: Controller, sub: Obj) -> None:
         await ctl.billing.cancel_now(billing["subscriptionId"])
         ctl.world.wrote(await ctl.kube.patch_status("subscriptions", ns, name,
                                                     {"billing": {"status": "canceled"}}))
-    await _delete_key_secret(ctl, ns, names.key_secret_name(name))
+    await _delete_key_secret(ctl, name, await _read_key_secret(ctl, ns, name))
     pool_key = pool_ref_of(sub)
     pool = await ctl.kube.get_custom("pools", *pool_key)
     holder = ledger.parse_ledger(((pool or {}).get("status") or {}).get("ledger")).get(name)
@@ -232,16 +232,26 @@ async def _finalize(ctl: Controller, sub: Obj) -> None:
 
 
 async def _drop_orphaned_key(ctl: Controller, key: tuple[str, str]) -> None:
-    """The subscription is gone (the API server says so): its key Secret goes too, at once,
-    rather than whenever garbage collection gets to it."""
-    secret = (key[0], names.key_secret_name(key[1]))
-    if secret in ctl.world.key_secrets:
-        await _delete_key_secret(ctl, *secret)
+    """The subscription is gone (the API server says so): the key Secret made for it goes too,
+    at once, rather than whenever garbage collection gets to it."""
+    await _delete_key_secret(ctl, key[1],
+                             ctl.world.key_secrets.get((key[0], names.key_secret_name(key[1]))))
 
 
-async def _delete_key_secret(ctl: Controller, ns: str, secret: str) -> None:
-    await ctl.kube.delete("secrets", ns, secret)
-    ctl.world.forget("Secret", (ns, secret))
+async def _read_key_secret(ctl: Controller, ns: str, sub_name: str) -> Obj | None:
+    secret = names.key_secret_name(sub_name)
+    return ctl.world.latest("Secret", (ns, secret)) or await ctl.kube.get("secrets", ns, secret)
+
+
+async def _delete_key_secret(ctl: Controller, sub_name: str, secret: Obj | None) -> bool:
+    """Delete ``secret`` if it is the key Secret made for the subscription ``sub_name``; one
+    that only bears the name or the labels (made by hand, or by another tool) is left alone."""
+    if secret is None or keys.owned_by_subscription(secret) != sub_name:
+        return False
+    ns, name = secret["metadata"]["namespace"], secret["metadata"]["name"]
+    await ctl.kube.delete("secrets", ns, name)
+    ctl.world.forget("Secret", (ns, name))
+    return True
 
 
 def _held_terms(p: Pass, spec: SubscriptionSpec) -> SubscriptionSpec:
@@ -628,9 +638,21 @@ async def _ensure_key(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, pool
     phase = p.status["phase"]
     gate = gate_state(phase, pool_phase, blocks, p.now)
     while True:
-        existing = keys.decode((current or {}).get("data"))
-        rotated = current is not None and existing.get("rotation", "") != rotation
-        api_key = existing.get("apiKey") if current is not None and not rotated else None
+        if current is not None and keys.owned_by_subscription(current) != p.name:
+            # Not made by gpupool for a subscription of this name: not ours to use or replace.
+            p.status["gate"] = "closed"
+            if mint:
+                p.status["phase"] = "pending_key"
+                p.cond("KeyIssued", False, "SecretNameTaken",
+                       f"Secret {secret_name} exists and was not made for this subscription; "
+                       "the key is issued once it is deleted")
+                p.wake(30)
+            return
+        # A key made for an earlier subscription of the same name is never handed on.
+        ours = current is not None and keys.owner_uid(current) == p.meta["uid"]
+        existing = keys.decode((current or {}).get("data")) if ours else {}
+        rotated = ours and existing.get("rotation", "") != rotation
+        api_key = existing.get("apiKey") if ours and not rotated else None
         generation = int(existing.get("keyGeneration", "0")) + (1 if rotated else 0)
         minted = api_key is None
         kid = keys.key_id(p.meta["uid"], generation)
@@ -647,7 +669,8 @@ async def _ensure_key(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, pool
             pool=spec.pool_ref.name, gate=gate, data=data)
         if current is not None:
             ctl.world.wrote(await ctl.kube.ensure("secrets", body,
-                                                  compare=("data", "metadata.labels"),
+                                                  compare=("data", "metadata.labels",
+                                                           "metadata.ownerReferences"),
                                                   current=current, read=False))
             break
         try:
@@ -675,8 +698,7 @@ async def _key_secret(p: Pass, secret_name: str) -> Obj | None:
 
 async def _drop_key(p: Pass) -> None:
     secret_name = p.status.get("keySecretName") or names.key_secret_name(p.name)
-    if await _key_secret(p, secret_name) is not None:
-        await _delete_key_secret(p.ctl, p.ns, secret_name)
+    if await _delete_key_secret(p.ctl, p.name, await _key_secret(p, secret_name)):
         p.note("KeyRevoked", f"Secret {secret_name} deleted")
     p.status.pop("keySecretName", None)
     p.status.pop("keyId", None)

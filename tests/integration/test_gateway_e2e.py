@@ -217,9 +217,10 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 # -- fixtures -------------------------------------------------------------------------------------
 @pytest.fixture
-def pool_ns(kube: Any, namespace: str, vllm_server: VllmServer) -> str:
-    put_upstream_key(kube, namespace, vllm_server)
-    return namespace
+def pool_ns(kube: Any, own_namespace: str, vllm_server: VllmServer) -> str:
+    """A namespace no operator serves: the Secrets here are the gateway's whole world."""
+    put_upstream_key(kube, own_namespace, vllm_server)
+    return own_namespace
 
 
 # -- tests ----------------------------------------------------------------------------------------

@@ -3,11 +3,14 @@ delete, manual provisioning, seats sold as bought, period end."""
 
 from __future__ import annotations
 
+import urllib.request
 from typing import Any
 
 import pytest
 from kubernetes import client
 
+from gpupool import names
+from gpupool.devcluster import free_port
 from support.objects import Objects, condition, pool_body, sub_body
 from support.operator import OperatorProcess
 from support.waiting import wait_for
@@ -153,3 +156,68 @@ def test_cancel_at_period_end_keeps_the_key_until_the_period_ends(
         wait_for(lambda: objs.pool("period")["status"]["pledgedSlots"] == 0, timeout=30)
     finally:
         later.stop()
+
+
+PLANTED = "planted-by-hand"
+
+
+def _reconciles(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("gpupool_reconciles_total{"))
+
+
+def test_a_key_secret_not_made_for_the_subscription_is_never_used_or_deleted(
+        cluster: Any, kube: client.ApiClient, own_namespace: str) -> None:
+    """A Secret that bears a key Secret's name and labels but no owner reference to the
+    Subscription (made by hand, or by another tool) is not the operator's: its key is not handed
+    out, it is not overwritten, and it is not deleted, neither with the subscription of that name
+    nor on any later resync. The subscription says why it waits, and gets its key once the Secret
+    is gone. A subscription's own key Secret still goes with it at once."""
+    objs = Objects(kube, own_namespace)
+    core = client.CoreV1Api(kube)
+    metrics_port = free_port()
+    op = OperatorProcess(cluster.kubeconfig, name="operator-foreign-secret",
+                         namespaces=[own_namespace],
+                         env={"GPUPOOL_RESYNC_SECONDS": "1",
+                              "GPUPOOL_METRICS_PORT": str(metrics_port)}).start()
+    try:
+        objs.create(pool_body("keep-pool", seats=2))
+        objs.wait_phase("pools", "keep-pool", "active", timeout=60)
+        taken = names.key_secret_name("ghost")
+        core.create_namespaced_secret(own_namespace, {
+            "metadata": {"name": taken, "labels": {
+                names.LABEL_KIND: names.KIND_API_KEY, names.LABEL_SUBSCRIPTION: "ghost",
+                names.LABEL_POOL: "keep-pool"}},
+            "stringData": {"apiKey": PLANTED, "note": "made by hand"}})
+        objs.create(sub_body("ghost", "keep-pool", ["asia"]))
+        cond = wait_for(lambda: (c := condition(objs.sub("ghost"), "KeyIssued")) and
+                        c.get("reason") == "SecretNameTaken" and c, timeout=30)
+        assert taken in cond["message"]
+        sub = objs.sub("ghost")
+        assert sub["status"]["phase"] == "pending_key" and not sub["status"].get("keyId")
+        assert objs.secret_data(taken) == {"apiKey": PLANTED, "note": "made by hand"}
+
+        objs.create(sub_body("real", "keep-pool", ["europe"]))
+        own = objs.wait_phase("subscriptions", "real", "active", timeout=60)["status"][
+            "keySecretName"]
+        objs.delete("subscriptions", "ghost")
+        objs.delete("subscriptions", "real")
+        wait_for(lambda: objs.secret_labels(own) is None, timeout=30,
+                 message="the deleted subscription's own key Secret goes")
+        wait_for(lambda: objs.get("subscriptions", "ghost") is None, timeout=30)
+        passes = _reconciles(metrics_port)
+        wait_for(lambda: _reconciles(metrics_port) >= passes + 5, timeout=30,
+                 message="a few more resync passes")
+        assert objs.secret_data(taken) == {"apiKey": PLANTED, "note": "made by hand"}
+
+        # Once the foreign Secret is gone, a subscription of that name gets a key of its own.
+        core.delete_namespaced_secret(taken, own_namespace)
+        objs.create(sub_body("ghost", "keep-pool", ["asia"]))
+        sub = objs.wait_phase("subscriptions", "ghost", "active", timeout=60)
+        data = objs.secret_data(sub["status"]["keySecretName"]) or {}
+        fresh_key = data.get("apiKey", PLANTED) != PLANTED  # a bool: the key is never printed
+        assert fresh_key
+    finally:
+        op.stop()

@@ -19,6 +19,7 @@ from gpupool.keys import (
     key_id,
     key_secret_data,
     mint_key,
+    owned_by_subscription,
     owner_reference,
 )
 from gpupool.models import KeyLimits
@@ -203,3 +204,15 @@ def test_the_three_secrets_of_a_pool_have_distinct_names() -> None:
     ]
     got = [s["metadata"]["name"] for s in built]  # type: ignore[index]
     assert len(set(got)) == 3
+
+
+def test_owned_by_subscription_reads_the_owner_reference_not_the_labels() -> None:
+    secret = build_key_secret(namespace="ns", subscription="acme", subscription_uid=SUB_UID,
+                              pool="qwen3-8b", gate="open", data=key_data(mint_key()))
+    assert owned_by_subscription(secret) == "acme"
+    labelled_only = {"metadata": {**secret["metadata"], "ownerReferences": []}}  # type: ignore[dict-item]
+    assert owned_by_subscription(labelled_only) is None
+    other_owner = {"metadata": {"ownerReferences": [
+        {"apiVersion": "v1", "kind": "ConfigMap", "name": "acme", "uid": "u"},
+        {"apiVersion": "example.com/v1", "kind": "Subscription", "name": "acme", "uid": "u"}]}}
+    assert owned_by_subscription(other_owner) is None
