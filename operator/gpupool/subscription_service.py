@@ -533,6 +533,11 @@ def _pledged_before_activation(p: Pass) -> bool:
     return bool(charged and charged.get("reason") == RESERVATION_DUE)
 
 
+def _stripe_description(spec: SubscriptionSpec, blocks: tuple[Block, ...]) -> str:
+    return (f"gpupool {spec.pool_ref.name}: {spec.quantity} seat(s) in "
+            f"{', '.join(b.value for b in blocks)}")
+
+
 async def _activation_step(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, pool: Obj,
                            pool_phase: str, blocks: tuple[Block, ...]) -> None:
     billing = p.status["billing"]
@@ -546,13 +551,21 @@ async def _activation_step(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec,
         outcome = await ctl.billing.ensure_subscription(
             p.meta["uid"], spec.customer.id, f"{p.ns}/{spec.pool_ref.name}",
             Decimal(p.status["amount"]), pool_spec.currency, spec.billing_cycle,
-            f"gpupool {spec.pool_ref.name}: {spec.quantity} seat(s) in "
-            f"{', '.join(b.value for b in blocks)}")
+            _stripe_description(spec, blocks))
         if outcome.id:
             billing["subscriptionId"] = outcome.id
             billing["customerId"] = spec.customer.id
     elif ctl.billing.enabled:
         outcome = await ctl.billing.fetch_subscription(billing["subscriptionId"])
+        if outcome.status == "incomplete":
+            # The first payment was declined. Asked again, Stripe pays the open first invoice
+            # once with a new default card, and says the same decline for the same card.
+            retried = await ctl.billing.ensure_subscription(
+                p.meta["uid"], spec.customer.id, f"{p.ns}/{spec.pool_ref.name}",
+                Decimal(p.status["amount"]), pool_spec.currency, spec.billing_cycle,
+                _stripe_description(spec, blocks))
+            if retried.id == billing["subscriptionId"]:
+                outcome = retried
     if outcome is not None:
         if outcome.status:
             billing["status"] = outcome.status

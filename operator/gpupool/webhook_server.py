@@ -30,15 +30,29 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
+WAITING_ON_THE_CUSTOMER = ("pending", "past_due")
+"""Phases a change of the customer (a new card, new invoice settings) may move on."""
+
+
 def find_subscription(ctl: Controller, event: dict[str, Any]) -> list[tuple[str, str]]:
+    """The subscriptions an event concerns. An event about the customer alone
+    (``payment_method.attached``, ``customer.updated``...) concerns that customer's subscriptions
+    that wait on a payment: a new card is tried at once, not at the next periodic re-check."""
     targets = event_targets(event)
+    by_customer = targets.customer_id if not (targets.subscription_id or targets.uid or
+                                              targets.payment_intent_id or
+                                              targets.invoice_id) else None
     found = []
     for key, sub in ctl.world.subs.items():
-        billing = (sub.get("status") or {}).get("billing") or {}
+        status = sub.get("status") or {}
+        billing = status.get("billing") or {}
         if (targets.subscription_id and billing.get("subscriptionId") == targets.subscription_id) \
                 or (targets.uid and sub["metadata"].get("uid") == targets.uid) \
                 or (targets.payment_intent_id and billing.get("reservationPaymentIntentId")
-                    == targets.payment_intent_id):
+                    == targets.payment_intent_id) \
+                or (by_customer and status.get("phase") in WAITING_ON_THE_CUSTOMER
+                    and ((sub.get("spec") or {}).get("customer") or {}).get("id")
+                    == by_customer):
             found.append(key)
     return found
 

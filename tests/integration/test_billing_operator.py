@@ -437,6 +437,34 @@ def test_declined_card_gives_the_reason_and_no_key(rig: Rig) -> None:
                              for n in ("declined", "late")), duration=2)
 
 
+def test_a_new_card_pays_the_declined_first_invoice_as_soon_as_stripe_says_so(rig: Rig) -> None:
+    rig.start()
+    rig.active_pool_with("card", "first", rig.customer())
+    customer = rig.customer(CARD_DECLINES_CHARGES)
+    rig.subscribe("late", "card", customer)
+    wait_for(functools.partial(charged_reason_is, rig, "late", "PaymentFailed"), timeout=30,
+             message=functools.partial(rig.describe, "late"))
+    made = stripe_subscriptions(rig.stripe, rig.uid("late"))
+    assert [s["status"] for s in made] == ["incomplete"]
+    rig.wait_settled()
+
+    # The customer adds a working card. Nothing touches the Subscription, and the operator has
+    # no periodic re-check due within the hour: Stripe's event about the customer is the cue.
+    pm = rig.stripe.set_default_card(customer)
+    posted = time.monotonic()
+    answer = rig.hook.post("payment_method.attached",
+                           rig.stripe.client.v1.payment_methods.retrieve(pm).to_dict())
+    assert answer.status_code == 200, answer.text
+    wait_for(lambda: rig.key_open("late"), timeout=15, message=lambda: rig.describe("late"))
+    opened_after = time.monotonic() - posted
+    assert rig.cond("late", "Charged")["reason"] == "Paid"
+    # The same Stripe subscription, its first invoice paid: no second subscription, no refund.
+    paid = stripe_subscriptions(rig.stripe, rig.uid("late"))
+    assert [(s["id"], s["status"]) for s in paid] == [(made[0]["id"], "active")]
+    assert rig.status("late")["billing"]["subscriptionId"] == made[0]["id"]
+    assert opened_after < 10, f"key opened {opened_after:.1f}s after the event"
+
+
 # ---- 5. past_due closes the key at once; paid again opens it ------------------------------------
 
 def test_past_due_webhook_closes_the_key_at_once_and_payment_reopens_it(rig: Rig) -> None:

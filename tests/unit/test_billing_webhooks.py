@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -18,6 +19,7 @@ from gpupool.billing import (
     webhook_app,
 )
 from gpupool.billing.localstripe import signed_event
+from gpupool.webhook_server import find_subscription
 
 SECRET = "whsec_unit_test"
 
@@ -128,6 +130,32 @@ def test_targets_of_customer_events() -> None:
         "id": "pm_1", "object": "payment_method", "customer": "cus_2"}))
     assert pm.customer_id == "cus_2" and not pm.empty
     assert event_targets(_event("balance.available", {"object": "balance"})).empty
+
+
+def _world_of(*subs: tuple[str, str, str, str]) -> Any:
+    """A controller stand-in holding only the watch's subscriptions (name, customer, phase,
+    Stripe subscription id): ``find_subscription`` reads nothing else."""
+    held = {("ns", name): {"metadata": {"name": name, "uid": f"uid-{name}"},
+                           "spec": {"customer": {"id": customer}},
+                           "status": {"phase": phase, "billing": {"subscriptionId": sub_id}}}
+            for name, customer, phase, sub_id in subs}
+    return SimpleNamespace(world=SimpleNamespace(subs=held))
+
+
+def test_an_event_about_the_customer_alone_wakes_its_subscriptions_waiting_on_payment() -> None:
+    ctl = _world_of(("declined", "cus_1", "past_due", "sub_1"),
+                    ("cardless", "cus_1", "pending", ""),
+                    ("fine", "cus_1", "active", "sub_2"),
+                    ("other", "cus_2", "past_due", "sub_3"))
+    attached = _event("payment_method.attached", {"id": "pm_1", "object": "payment_method",
+                                                  "customer": "cus_1"})
+    assert sorted(k[1] for k in find_subscription(ctl, attached)) == ["cardless", "declined"]
+    updated = _event("customer.updated", {"id": "cus_2", "object": "customer"})
+    assert [k[1] for k in find_subscription(ctl, updated)] == ["other"]
+    # An event that names a Stripe subscription concerns that one only, whatever its customer.
+    renewal = _event("invoice.payment_failed", {"id": "in_1", "object": "invoice",
+                                                "subscription": "sub_2", "customer": "cus_1"})
+    assert [k[1] for k in find_subscription(ctl, renewal)] == ["fine"]
 
 
 # ---- the app ------------------------------------------------------------------------------------
