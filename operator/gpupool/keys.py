@@ -6,10 +6,10 @@ import base64
 import hashlib
 import secrets
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from gpupool import API_VERSION, names
 from gpupool.blocks import Block
+from gpupool.kube import Obj, owner_ref
 from gpupool.models import KeyLimits
 
 KEY_PREFIX = "sk_pool_"
@@ -31,21 +31,17 @@ def owner_reference(kind: str, name: str, uid: str) -> dict[str, object]:
             "controller": True, "blockOwnerDeletion": True}
 
 
-def owned_by_subscription(secret: Mapping[str, Any]) -> str | None:
+def owned_by_subscription(secret: Obj) -> str | None:
     """The subscription a key Secret was made for, by its owner reference; None for a Secret
     that only carries the labels (made by hand or by another tool), which is not ours to delete."""
-    for ref in (secret.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("kind") == "Subscription" and ref.get("apiVersion") == API_VERSION:
-            return str(ref.get("name"))
-    return None
+    ref = owner_ref(secret, "Subscription")
+    return str(ref.get("name")) if ref else None
 
 
-def owner_uid(secret: Mapping[str, Any]) -> str | None:
+def owner_uid(secret: Obj) -> str | None:
     """The uid of the Subscription a key Secret was made for (see :func:`owned_by_subscription`)."""
-    for ref in (secret.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("kind") == "Subscription" and ref.get("apiVersion") == API_VERSION:
-            return str(ref.get("uid"))
-    return None
+    ref = owner_ref(secret, "Subscription")
+    return str(ref.get("uid")) if ref else None
 
 
 def key_secret_data(*, api_key: str, kid: str, pool: str, subscription: str, customer_id: str,

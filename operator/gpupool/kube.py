@@ -39,6 +39,24 @@ class Conflict(ApiError):
         super().__init__(409, message)
 
 
+class NotOurs(Exception):
+    """An object exists under the name of a child the operator would make, and is not that
+    child (no owner reference to the parent of that name): it is left as it is."""
+
+    def __init__(self, kind: str, namespace: str, name: str, owner_kind: str) -> None:
+        super().__init__(f"{kind} {namespace}/{name} exists and was not made for this "
+                         f"{owner_kind}; rename or delete it")
+        self.kind, self.name = kind, name
+
+
+def owner_ref(obj: Obj, kind: str) -> Obj | None:
+    """``obj``'s owner reference to a gpupool object of ``kind``, if it has one."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("kind") == kind and ref.get("apiVersion") == f"{GROUP}/{VERSION}":
+            return dict(ref)
+    return None
+
+
 class Kube:
     def __init__(self, conn: Connection, connections: int = 64) -> None:
         self.conn = conn
@@ -162,8 +180,13 @@ class Kube:
 
     async def ensure(self, plural: str, body: Obj, group: str = "",
                      compare: tuple[str, ...] = ("spec", "data", "metadata.labels"),
-                     current: Obj | None = None, read: bool = True) -> Obj | None:
+                     current: Obj | None = None, read: bool = True,
+                     owner_kind: str | None = None) -> Obj | None:
         """Create ``body``, or merge-patch the parts named in ``compare`` that differ.
+
+        ``owner_kind``: an existing object is only changed if it has an owner reference to the
+        ``owner_kind`` of the same name as ``body``'s (an earlier object of that name counts:
+        a child left by it is taken over); otherwise :class:`NotOurs` is raised.
 
         ``read=False``: no GET; ``current`` is the object as the caller knows it (a watch, an
         earlier write or read; None: not there). If that is out of date, the create conflicts
@@ -178,6 +201,12 @@ class Kube:
                 current = await self.get(plural, meta["namespace"], meta["name"], group)
                 if current is None:
                     raise
+        if owner_kind:
+            mine = owner_ref(body, owner_kind) or {}
+            theirs = owner_ref(current, owner_kind) or {}
+            if not theirs or theirs.get("name") != mine.get("name"):
+                raise NotOurs(body.get("kind") or plural, meta["namespace"], meta["name"],
+                              owner_kind)
         patch: Obj = {}
         for dotted in compare:
             want, have = _dig(body, dotted), _dig(current, dotted)
@@ -187,7 +216,7 @@ class Kube:
             return current
         result = await self.patch(plural, meta["namespace"], meta["name"], patch, group)
         if result is None and not read:
-            return await self.ensure(plural, body, group, compare)
+            return await self.ensure(plural, body, group, compare, owner_kind=owner_kind)
         return result
 
 

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from gpupool import events, keys, ledger, names, workload
 from gpupool.blocks import BLOCK_ORDER, Block, normalize_blocks
 from gpupool.conditions import get_condition, iso, set_condition
-from gpupool.kube import ApiError, Conflict
+from gpupool.kube import ApiError, Conflict, NotOurs, owner_ref
 from gpupool.models import (
     PoolSpec,
     describe_validation_error,
@@ -33,6 +33,8 @@ Obj = dict[str, Any]
 
 ACCEPTED = "Accepted"
 INVALID_SPEC = "InvalidSpec"
+NAME_TAKEN_RETRY = 30.0
+CHILD_FIELDS = ("spec", "metadata.labels", "metadata.ownerReferences")
 LEDGER_INTERVAL = 0.5
 """Seconds between two ledger writes of one pool, at least."""
 
@@ -201,6 +203,7 @@ async def _reconcile_pool(ctl: Controller, key: tuple[str, str],
 
     activated_at = status.get("activatedAt")
     activated = bool(activated_at)
+    name_taken = False
     provisional = decide_phase(spec, activated, pledged, available=False)
     desired = workload.desired_replicas(spec, planned.reserved(), now, provisional)
     if bad_args or bad_env:
@@ -209,13 +212,19 @@ async def _reconcile_pool(ctl: Controller, key: tuple[str, str],
         # the phase and the clock, so pausing (or an unsold block) frees the GPUs all the same.
         dep_name = names.deployment_name(name)
         dep = await ctl.kube.get("deployments", ns, dep_name, group="apps/v1")
+        if dep is not None and (owner_ref(dep, "Pool") or {}).get("name") != name:
+            dep = None  # not this pool's: not touched
         if dep is None:
             desired = 0
         elif int((dep.get("spec") or {}).get("replicas") or 0) != desired:
             dep = await ctl.kube.patch("deployments", ns, dep_name,
                                        {"spec": {"replicas": desired}}, group="apps/v1")
     else:
-        dep = await _apply_workload(ctl, pool, spec, desired)
+        try:
+            dep = await _apply_workload(ctl, pool, spec, desired)
+        except NotOurs as exc:
+            conds = set_condition(conds, "Ready", False, "NameTaken", str(exc), gen, now)
+            dep, name_taken = None, True
     available, ready = deployment_ready(dep, desired)
     phase = decide_phase(spec, activated, pledged, available)
     if phase == "active" and not activated:
@@ -275,7 +284,10 @@ async def _reconcile_pool(ctl: Controller, key: tuple[str, str],
                 waiting and _reason(sub) != waiting):
             ctl.subs.add(sub_key)
     ctl.open_keys.add(key)
-    return _next_wakeup(spec, planned.reserved(), now, phase)
+    wake = _next_wakeup(spec, planned.reserved(), now, phase)
+    if name_taken:  # nothing watches a foreign object: look again for its removal
+        return min(wake, NAME_TAKEN_RETRY) if wake is not None else NAME_TAKEN_RETRY
+    return wake
 
 
 async def _claims(ctl: Controller, key: tuple[str, str],
@@ -335,15 +347,15 @@ async def _apply_workload(ctl: Controller, pool: Obj, spec: PoolSpec, desired: i
     secret_name = names.upstream_key_secret_name(name)
     ttl = ctl.resync_seconds
     if not ctl.world.applied_recently(("upstream-key", ns, secret_name), uid, ttl):
-        if await ctl.kube.get("secrets", ns, secret_name) is None:
-            await ctl.kube.ensure("secrets", keys.build_upstream_key_secret(
-                namespace=ns, pool=name, pool_uid=uid, api_key=keys.mint_key()),
-                compare=("metadata.labels",))
+        # Minted once: an existing key is kept (only labels and owner are brought up to date).
+        await ctl.kube.ensure("secrets", keys.build_upstream_key_secret(
+            namespace=ns, pool=name, pool_uid=uid, api_key=keys.mint_key()),
+            compare=("metadata.labels", "metadata.ownerReferences"), owner_kind="Pool")
         ctl.world.applied(("upstream-key", ns, secret_name), uid)
     service = workload.build_service(name, ns, uid, spec)
     fingerprint = json.dumps(service, sort_keys=True)
     if not ctl.world.applied_recently(("service", ns, name), fingerprint, ttl):
-        await ctl.kube.ensure("services", service)
+        await ctl.kube.ensure("services", service, compare=CHILD_FIELDS, owner_kind="Pool")
         ctl.world.applied(("service", ns, name), fingerprint)
     body = workload.build_deployment(name, ns, uid, spec, desired, secret_name)
     # ensure() merge-patches, which keeps whatever the patch does not mention: a field taken out
@@ -354,8 +366,8 @@ async def _apply_workload(ctl: Controller, pool: Obj, spec: PoolSpec, desired: i
     # The Deployment's spec-hash annotation must follow its template, so it is compared too.
     cached = ctl.world.latest("Deployment", (ns, body["metadata"]["name"]))
     dep = await ctl.kube.ensure("deployments", body, group="apps/v1",
-                                compare=("spec", "metadata.labels", "metadata.annotations"),
-                                current=cached, read=cached is None)
+                                compare=(*CHILD_FIELDS, "metadata.annotations"),
+                                current=cached, read=cached is None, owner_kind="Pool")
     ctl.world.wrote(dep)
     return dep
 

@@ -370,3 +370,35 @@ def test_deleting_the_pool_removes_its_children(objs: Objects) -> None:
         return left + [f"pod {p['metadata']['name']}" for p in _pods(objs, "doomed")]
     wait_for(lambda: objs.get("pools", "doomed") is None and not remaining(), timeout=60,
              message=lambda: f"children of the deleted pool gone (left: {remaining()})")
+
+
+def test_a_deployment_of_the_same_name_that_is_not_the_pools_is_left_alone(
+        objs: Objects) -> None:
+    """A Deployment already named ``<pool>-vllm`` (someone's own vLLM, say) is not taken over:
+    the pool says so (Ready=False, NameTaken) and waits; once it is gone the pool makes its own."""
+    name = names.deployment_name("taken")
+    labels = {"app": "someone-elses"}
+    foreign: Obj = {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"replicas": 0, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels},
+                              "spec": {"containers": [{"name": "app", "image": "example/app:1"}]}}}}
+    apps = client.AppsV1Api(objs.api.api_client)
+    apps.create_namespaced_deployment(objs.ns, foreign)
+    objs.create(pool_body("taken", seats=1))
+
+    ready = wait_for(lambda: (c := _cond(objs, "taken", "Ready")).get("reason") == "NameTaken"
+                     and c, timeout=30, message=lambda: _describe(objs, "taken"))
+    assert ready["status"] == "False" and name in ready["message"]
+    assert _status(objs, "taken")["phase"] != "active"
+    dep = _deployment(objs, "taken") or {}
+    assert dep["metadata"].get("ownerReferences") is None
+    assert dep["metadata"]["labels"] == labels and dep["spec"]["replicas"] == 0
+    assert _container(dep)["image"] == "example/app:1"
+
+    apps.delete_namespaced_deployment(name, objs.ns)
+    _wait_serving(objs, "taken", timeout=90)
+    assert _cond(objs, "taken", "Ready")["reason"] == "SpecValid"
+    owners = {o["kind"] for o in (_deployment(objs, "taken") or {})["metadata"]["ownerReferences"]}
+    assert owners == {"Pool"}
