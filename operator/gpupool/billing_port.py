@@ -33,6 +33,9 @@ class Billing(Protocol):
 
     async def fetch_subscription(self, subscription_id: str) -> Outcome: ...
 
+    async def retry_past_due(self, subscription_id: str, customer_id: str, uid: str) -> Outcome:
+        """Pay a past_due subscription's open invoice once with a new default card."""
+
     async def set_cancel_at_period_end(self, subscription_id: str, flag: bool) -> None: ...
 
     async def cancel_now(self, subscription_id: str) -> None: ...
@@ -53,6 +56,9 @@ class NoBilling:
         return Outcome(ok=True, status="active")
 
     async def fetch_subscription(self, subscription_id: str) -> Outcome:
+        return Outcome(ok=True, status="active")
+
+    async def retry_past_due(self, subscription_id: str, customer_id: str, uid: str) -> Outcome:
         return Outcome(ok=True, status="active")
 
     async def set_cancel_at_period_end(self, subscription_id: str, flag: bool) -> None:

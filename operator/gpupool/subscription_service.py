@@ -566,6 +566,10 @@ async def _activation_step(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec,
                 _stripe_description(spec, blocks))
             if retried.id == billing["subscriptionId"]:
                 outcome = retried
+        elif outcome.status == "past_due":
+            # A renewal was declined: a new default card pays it now, not at Stripe's next retry.
+            outcome = await ctl.billing.retry_past_due(billing["subscriptionId"],
+                                                       spec.customer.id, p.meta["uid"])
     if outcome is not None:
         if outcome.status:
             billing["status"] = outcome.status

@@ -507,6 +507,44 @@ def test_past_due_webhook_closes_the_key_at_once_and_payment_reopens_it(rig: Rig
     assert len(stripe_subscriptions(rig.stripe, rig.uid("renewer"))) == 1
 
 
+def test_a_new_card_pays_a_past_due_renewal_at_once_and_the_old_card_is_not_retried(
+        rig: Rig) -> None:
+    rig.start()
+    customer = rig.customer()
+    sub = rig.active_pool_with("renew", "late-payer", customer)
+    sub_id = sub["status"]["billing"]["subscriptionId"]
+    rig.wait_settled()
+    invoice = make_past_due(rig.stripe, sub_id)  # the renewal is declined on the card on file
+    assert rig.hook.post("invoice.payment_failed", invoice).status_code == 200
+    wait_for(lambda: rig.status("late-payer").get("phase") == "past_due"
+             and rig.gate_label("late-payer") == "closed", timeout=10,
+             message=lambda: rig.describe("late-payer"))
+    rig.wait_settled()
+
+    # Something about the customer changes, the card does not: it is not charged again.
+    charges = len(rig.stripe.list_all("charges"))
+    customer_obj = rig.stripe.client.v1.customers.retrieve(customer).to_dict()
+    assert rig.hook.post("customer.updated", customer_obj).status_code == 200
+    rig.wait_settled()
+    assert len(rig.stripe.list_all("charges")) == charges
+    assert rig.status("late-payer")["phase"] == "past_due"
+
+    # A new card: the open invoice is paid with it at once, and the key opens.
+    pm = rig.stripe.set_default_card(customer)
+    posted = time.monotonic()
+    answer = rig.hook.post("payment_method.attached",
+                           rig.stripe.client.v1.payment_methods.retrieve(pm).to_dict())
+    assert answer.status_code == 200, answer.text
+    wait_for(lambda: rig.key_open("late-payer"), timeout=15,
+             message=lambda: rig.describe("late-payer"))
+    opened_after = time.monotonic() - posted
+    assert rig.stripe.client.v1.invoices.retrieve(invoice["id"]).status == "paid"
+    assert stripe_subscription(rig.stripe, sub_id)["status"] == "active"
+    assert len(stripe_subscriptions(rig.stripe, rig.uid("late-payer"))) == 1
+    assert rig.cond("late-payer", "Charged")["reason"] == "Paid"
+    assert opened_after < 10, f"key opened {opened_after:.1f}s after the event"
+
+
 # ---- 6. cancel at period end --------------------------------------------------------------------
 
 def test_cancel_at_period_end_keeps_the_key_until_stripe_ends_it(rig: Rig) -> None:

@@ -111,6 +111,20 @@ class StripeBilling:
                        current_period_end=result.current_period_end,
                        reason=result.failure_reason)
 
+    async def retry_past_due(self, subscription_id: str, customer_id: str, uid: str) -> Outcome:
+        try:
+            result = await self.service.retry_past_due(subscription_id, customer_id, uid)
+        except RetryableBillingError as exc:
+            self._count("retry_past_due", "retry")
+            raise RetryLater(exc.delay, exc.reason) from None
+        except BillingError as exc:
+            self._count("retry_past_due", "error")
+            raise RetryLater(60, exc.reason) from None
+        self._count("retry_past_due", "ok")
+        return Outcome(ok=True, id=result.subscription_id, status=result.status,
+                       current_period_end=result.current_period_end,
+                       reason=result.failure_reason)
+
     async def set_cancel_at_period_end(self, subscription_id: str, flag: bool) -> None:
         try:
             await self.service.set_cancel_at_period_end(subscription_id, flag)

@@ -65,6 +65,7 @@ META_STEP = "gpupool_step"
 META_ATTEMPT = "gpupool_attempt"
 STEP_RESERVATION_FEE = "reservation_fee"
 STEP_SUBSCRIPTION = "subscription"
+STEP_RENEWAL = "renewal"
 
 Interval = Literal["month", "year"]
 
@@ -708,6 +709,40 @@ class BillingService:
             return _disabled_result(subscription_id)
         sub = await self._run(None, self._retrieve_subscription, subscription_id)
         return SubscriptionResult.from_stripe(sub)
+
+    def _retry_past_due(self, subscription_id: str, customer_id: str,
+                        uid: str) -> SubscriptionResult:
+        sub = self._retrieve_subscription(subscription_id)
+        if sub.get("status") != "past_due":
+            return SubscriptionResult.from_stripe(sub)
+        invoice = self._latest_invoice(sub)
+        if invoice is None or invoice.get("status") != "open":
+            return SubscriptionResult.from_stripe(sub)
+        pi = self._invoice_payment_intent(invoice)
+        failed_pm = _failed_payment_method(pi) if pi else None
+        pm = self._default_payment_method(customer_id)
+        if pm is None or failed_pm in (None, pm.id):
+            return SubscriptionResult.from_stripe(sub)
+        invoice_id = cast(str, invoice["id"])
+        log.info("paying the open invoice %s of subscription %s for %s with a new card",
+                 invoice_id, subscription_id, uid)
+        # Declined too: it stays past_due, and this card is not tried on this invoice again.
+        with contextlib.suppress(PaymentDeclined):
+            self._call("Paying the past-due invoice", self.client.v1.invoices.pay, invoice_id,
+                       options={"idempotency_key":
+                                f"{idempotency_key(uid, STEP_RENEWAL)}-{invoice_id}-pay-{pm.id}"})
+        return SubscriptionResult.from_stripe(self._retrieve_subscription(subscription_id))
+
+    async def retry_past_due(self, subscription_id: str, customer_id: str,
+                             uid: str) -> SubscriptionResult:
+        """A ``past_due`` subscription's open invoice, paid once with the customer's default
+        payment method if that is not the one its last attempt failed with (a new card is not
+        left waiting for Stripe's next scheduled retry). Anything else: the subscription as is.
+        """
+        if not self.enabled:
+            return _disabled_result(subscription_id)
+        return await self._run(f"{uid}/{STEP_RENEWAL}", self._retry_past_due, subscription_id,
+                               customer_id, uid)
 
     def _set_cancel_at_period_end(self, subscription_id: str, flag: bool) -> SubscriptionResult:
         sub = self._retrieve_subscription(subscription_id)
