@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from gpupool import GROUP, VERSION
+from gpupool import GROUP, VERSION, names
 from gpupool.kubeconfig import Connection, load
 from gpupool.metrics import API_REQUESTS
 
@@ -55,6 +55,24 @@ def owner_ref(obj: Obj, kind: str) -> Obj | None:
         if ref.get("kind") == kind and ref.get("apiVersion") == f"{GROUP}/{VERSION}":
             return dict(ref)
     return None
+
+
+def is_child(obj: Obj, owner_kind: str, owner_name: str, owner_label: str) -> bool:
+    """Whether ``obj`` is (or may become) the child of the ``owner_kind`` named ``owner_name``.
+
+    Its owner reference says so (an earlier object of that name counts: its child is taken
+    over); or it has no controller at all and gpupool's labels name that owner, as a child
+    left by ``kubectl delete --cascade=orphan`` does: it is adopted, as Kubernetes' own
+    controllers adopt theirs. Anything else is someone else's."""
+    ref = owner_ref(obj, owner_kind)
+    if ref is not None:
+        return ref.get("name") == owner_name
+    meta = obj.get("metadata") or {}
+    if any(r.get("controller") for r in meta.get("ownerReferences") or []):
+        return False
+    labels = meta.get("labels") or {}
+    return all(labels.get(k) == v for k, v in names.MANAGED_BY.items()) \
+        and labels.get(owner_label) == owner_name
 
 
 class Kube:
@@ -184,9 +202,8 @@ class Kube:
                      owner_kind: str | None = None) -> Obj | None:
         """Create ``body``, or merge-patch the parts named in ``compare`` that differ.
 
-        ``owner_kind``: an existing object is only changed if it has an owner reference to the
-        ``owner_kind`` of the same name as ``body``'s (an earlier object of that name counts:
-        a child left by it is taken over); otherwise :class:`NotOurs` is raised.
+        ``owner_kind`` (``Pool``): an existing object is only changed if it is the child of the
+        Pool ``body`` names as its owner (:func:`is_child`); otherwise :class:`NotOurs`.
 
         ``read=False``: no GET; ``current`` is the object as the caller knows it (a watch, an
         earlier write or read; None: not there). If that is out of date, the create conflicts
@@ -203,8 +220,7 @@ class Kube:
                     raise
         if owner_kind:
             mine = owner_ref(body, owner_kind) or {}
-            theirs = owner_ref(current, owner_kind) or {}
-            if not theirs or theirs.get("name") != mine.get("name"):
+            if not is_child(current, owner_kind, str(mine.get("name")), names.LABEL_POOL):
                 raise NotOurs(body.get("kind") or plural, meta["namespace"], meta["name"],
                               owner_kind)
         patch: Obj = {}

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from gpupool import events, keys, ledger, names, workload
 from gpupool.blocks import BLOCK_ORDER, Block, normalize_blocks
 from gpupool.conditions import get_condition, iso, set_condition
-from gpupool.kube import ApiError, Conflict, NotOurs, owner_ref
+from gpupool.kube import ApiError, Conflict, NotOurs, is_child
 from gpupool.models import (
     PoolSpec,
     describe_validation_error,
@@ -212,7 +212,7 @@ async def _reconcile_pool(ctl: Controller, key: tuple[str, str],
         # the phase and the clock, so pausing (or an unsold block) frees the GPUs all the same.
         dep_name = names.deployment_name(name)
         dep = await ctl.kube.get("deployments", ns, dep_name, group="apps/v1")
-        if dep is not None and (owner_ref(dep, "Pool") or {}).get("name") != name:
+        if dep is not None and not is_child(dep, "Pool", name, names.LABEL_POOL):
             dep = None  # not this pool's: not touched
         if dep is None:
             desired = 0

@@ -16,7 +16,7 @@ from gpupool import events, keys, ledger, names
 from gpupool.blocks import Block, normalize_blocks
 from gpupool.conditions import get_condition, iso, set_condition
 from gpupool.gate import gate_state, next_gate_change
-from gpupool.kube import Conflict
+from gpupool.kube import Conflict, is_child
 from gpupool.models import (
     PoolSpec,
     SubscriptionSpec,
@@ -655,8 +655,9 @@ async def _ensure_key(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, pool
     phase = p.status["phase"]
     gate = gate_state(phase, pool_phase, blocks, p.now)
     while True:
-        if current is not None and keys.owned_by_subscription(current) != p.name:
-            # Not made by gpupool for a subscription of this name: not ours to use or replace.
+        if current is not None and not is_child(current, "Subscription", p.name,
+                                                names.LABEL_SUBSCRIPTION):
+            # Someone else's: not ours to use or replace.
             p.status["gate"] = "closed"
             if mint:
                 p.status["phase"] = "pending_key"

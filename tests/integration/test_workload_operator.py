@@ -17,7 +17,7 @@ from gpupool.devcluster import FAKE_NODE_LABEL, FakeKubelet
 from gpupool.workload import SPEC_HASH_ANNOTATION, selector_labels
 from support.clock import ShiftedClock
 from support.kube import raw, wait_for_default_service_account
-from support.objects import Objects, condition, pool_body, sub_body
+from support.objects import GROUP, VERSION, Objects, condition, pool_body, sub_body
 from support.operator import OperatorProcess
 from support.waiting import assert_stays, wait_for
 
@@ -402,3 +402,25 @@ def test_a_deployment_of_the_same_name_that_is_not_the_pools_is_left_alone(
     assert _cond(objs, "taken", "Ready")["reason"] == "SpecValid"
     owners = {o["kind"] for o in (_deployment(objs, "taken") or {})["metadata"]["ownerReferences"]}
     assert owners == {"Pool"}
+
+
+def test_a_pool_deleted_with_cascade_orphan_and_applied_again_adopts_its_workload(
+        objs: Objects) -> None:
+    """``kubectl delete pool --cascade=orphan`` keeps the Deployment (without owner); the Pool
+    applied again takes that same Deployment over instead of refusing it or making another."""
+    objs.create(pool_body("again", seats=1))
+    _wait_serving(objs, "again")
+    before = _deployment(objs, "again") or {}
+    client.CustomObjectsApi(objs.api.api_client).delete_namespaced_custom_object(
+        GROUP, VERSION, objs.ns, "pools", "again", propagation_policy="Orphan")
+    wait_for(lambda: objs.get("pools", "again") is None
+             and not (_deployment(objs, "again") or {}).get("metadata", {}).get(
+                 "ownerReferences"), timeout=30, message="pool gone, its Deployment orphaned")
+
+    objs.create(pool_body("again", seats=1))
+    _wait_serving(objs, "again")
+    after = _deployment(objs, "again") or {}
+    assert after["metadata"]["uid"] == before["metadata"]["uid"], "adopted, not made anew"
+    owners = {(o["kind"], o["uid"]) for o in after["metadata"]["ownerReferences"]}
+    assert owners == {("Pool", objs.pool("again")["metadata"]["uid"])}
+    assert _cond(objs, "again", "Ready")["reason"] == "SpecValid"
