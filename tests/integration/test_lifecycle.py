@@ -11,7 +11,7 @@ from kubernetes import client
 
 from gpupool import names
 from gpupool.devcluster import free_port
-from support.objects import Objects, condition, pool_body, sub_body
+from support.objects import GROUP, VERSION, Objects, condition, pool_body, sub_body
 from support.operator import OperatorProcess
 from support.waiting import wait_for
 
@@ -219,5 +219,47 @@ def test_a_key_secret_not_made_for_the_subscription_is_never_used_or_deleted(
         data = objs.secret_data(sub["status"]["keySecretName"]) or {}
         fresh_key = data.get("apiKey", PLANTED) != PLANTED  # a bool: the key is never printed
         assert fresh_key
+    finally:
+        op.stop()
+
+
+def test_an_orphaned_key_secret_is_adopted_but_its_key_is_never_handed_on(
+        cluster: Any, kube: client.ApiClient, own_namespace: str) -> None:
+    """``kubectl delete subscription --cascade=orphan`` leaves the key Secret without owner, and
+    an operator that did not make it for the subscription being deleted leaves it be. A new
+    subscription of the same name adopts that Secret, with a key minted for it: a customer never
+    gets the key of an earlier one."""
+    objs = Objects(kube, own_namespace)
+    op = OperatorProcess(cluster.kubeconfig, name="operator-orphan-key",
+                         namespaces=[own_namespace]).start()
+    try:
+        objs.create(pool_body("adopt-pool", seats=2))
+        objs.create(sub_body("heir", "adopt-pool", ["asia"]))
+        first = objs.wait_phase("subscriptions", "heir", "active", timeout=60)
+        secret = first["status"]["keySecretName"]
+
+        def meta() -> Any:
+            return objs.core.read_namespaced_secret(secret, own_namespace).metadata
+        old_key = (objs.secret_data(secret) or {}).get("apiKey")
+        old_uid = meta().uid
+
+        op.stop()  # the Secret is orphaned before any operator would take it with its owner
+        client.CustomObjectsApi(kube).delete_namespaced_custom_object(
+            GROUP, VERSION, own_namespace, "subscriptions", "heir", propagation_policy="Orphan")
+        wait_for(lambda: not meta().owner_references, timeout=30,
+                 message="the key Secret orphaned by the garbage collector")
+        op.start()
+        wait_for(lambda: objs.get("subscriptions", "heir") is None, timeout=30)
+        assert meta().uid == old_uid  # not deleted: no longer owned
+
+        objs.create(sub_body("heir", "adopt-pool", ["asia"]))
+        second = objs.wait_phase("subscriptions", "heir", "active", timeout=60)
+        adopted = meta()
+        assert adopted.uid == old_uid
+        assert [r.uid for r in adopted.owner_references] == [second["metadata"]["uid"]]
+        new_key = (objs.secret_data(secret) or {}).get("apiKey") or ""
+        handed_on, minted = new_key == old_key, new_key.startswith("sk_pool_")  # never printed
+        assert minted and not handed_on
+        assert second["status"]["keyId"] != first["status"]["keyId"]
     finally:
         op.stop()
