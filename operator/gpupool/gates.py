@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 from gpupool import events, keys, names
 from gpupool.blocks import BLOCK_ORDER, Block, block_at, next_boundary, normalize_blocks
 from gpupool.gate import OPEN, gate_state
-from gpupool.kube import Conflict, is_child
+from gpupool.kube import Conflict
+from gpupool.ownership import Owner, is_child
 from gpupool.world import Key
 
 if TYPE_CHECKING:
@@ -181,7 +182,7 @@ class GateKeeper:
                 written = await replace(rv)
         if written is None:
             current = await ctl.kube.get("secrets", key[0], name)
-            if current is not None and not is_child(current, "Pool", key[1], names.LABEL_POOL):
+            if current is not None and not is_child(current, Owner.pool(key[1])):
                 log.warning("Secret %s/%s exists and was not made for pool %s; left alone",
                             key[0], name, key[1])
                 return

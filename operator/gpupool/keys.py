@@ -9,8 +9,8 @@ from collections.abc import Iterable, Mapping
 
 from gpupool import API_VERSION, names
 from gpupool.blocks import Block
-from gpupool.kube import Obj, owner_ref
 from gpupool.models import KeyLimits
+from gpupool.ownership import Obj, owner_ref
 
 KEY_PREFIX = "sk_pool_"
 KEY_BYTES = 32
@@ -36,12 +36,6 @@ def owned_by_subscription(secret: Obj) -> str | None:
     that only carries the labels (made by hand or by another tool), which is not ours to delete."""
     ref = owner_ref(secret, "Subscription")
     return str(ref.get("name")) if ref else None
-
-
-def owner_uid(secret: Obj) -> str | None:
-    """The uid of the Subscription a key Secret was made for (see :func:`owned_by_subscription`)."""
-    ref = owner_ref(secret, "Subscription")
-    return str(ref.get("uid")) if ref else None
 
 
 def key_secret_data(*, api_key: str, kid: str, pool: str, subscription: str, customer_id: str,

@@ -13,9 +13,10 @@ from typing import Any
 
 import aiohttp
 
-from gpupool import GROUP, VERSION, names
+from gpupool import GROUP, VERSION
 from gpupool.kubeconfig import Connection, load
 from gpupool.metrics import API_REQUESTS
+from gpupool.ownership import NotOurs, Owner, is_child
 
 log = logging.getLogger(__name__)
 
@@ -37,42 +38,6 @@ class Conflict(ApiError):
 
     def __init__(self, message: str) -> None:
         super().__init__(409, message)
-
-
-class NotOurs(Exception):
-    """An object exists under the name of a child the operator would make, and is not that
-    child (no owner reference to the parent of that name): it is left as it is."""
-
-    def __init__(self, kind: str, namespace: str, name: str, owner_kind: str) -> None:
-        super().__init__(f"{kind} {namespace}/{name} exists and was not made for this "
-                         f"{owner_kind}; rename or delete it")
-        self.kind, self.name = kind, name
-
-
-def owner_ref(obj: Obj, kind: str) -> Obj | None:
-    """``obj``'s owner reference to a gpupool object of ``kind``, if it has one."""
-    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("kind") == kind and ref.get("apiVersion") == f"{GROUP}/{VERSION}":
-            return dict(ref)
-    return None
-
-
-def is_child(obj: Obj, owner_kind: str, owner_name: str, owner_label: str) -> bool:
-    """Whether ``obj`` is (or may become) the child of the ``owner_kind`` named ``owner_name``.
-
-    Its owner reference says so (an earlier object of that name counts: its child is taken
-    over); or it has no controller at all and gpupool's labels name that owner, as a child
-    left by ``kubectl delete --cascade=orphan`` does: it is adopted, as Kubernetes' own
-    controllers adopt theirs. Anything else is someone else's."""
-    ref = owner_ref(obj, owner_kind)
-    if ref is not None:
-        return ref.get("name") == owner_name
-    meta = obj.get("metadata") or {}
-    if any(r.get("controller") for r in meta.get("ownerReferences") or []):
-        return False
-    labels = meta.get("labels") or {}
-    return all(labels.get(k) == v for k, v in names.MANAGED_BY.items()) \
-        and labels.get(owner_label) == owner_name
 
 
 class Kube:
@@ -199,11 +164,11 @@ class Kube:
     async def ensure(self, plural: str, body: Obj, group: str = "",
                      compare: tuple[str, ...] = ("spec", "data", "metadata.labels"),
                      current: Obj | None = None, read: bool = True,
-                     owner_kind: str | None = None) -> Obj | None:
+                     owner: Owner | None = None) -> Obj | None:
         """Create ``body``, or merge-patch the parts named in ``compare`` that differ.
 
-        ``owner_kind`` (``Pool``): an existing object is only changed if it is the child of the
-        Pool ``body`` names as its owner (:func:`is_child`); otherwise :class:`NotOurs`.
+        ``owner``: an existing object is only changed if it is a child of ``owner``
+        (:func:`gpupool.ownership.is_child`); otherwise :class:`NotOurs` is raised.
 
         ``read=False``: no GET; ``current`` is the object as the caller knows it (a watch, an
         earlier write or read; None: not there). If that is out of date, the create conflicts
@@ -218,11 +183,8 @@ class Kube:
                 current = await self.get(plural, meta["namespace"], meta["name"], group)
                 if current is None:
                     raise
-        if owner_kind:
-            mine = owner_ref(body, owner_kind) or {}
-            if not is_child(current, owner_kind, str(mine.get("name")), names.LABEL_POOL):
-                raise NotOurs(body.get("kind") or plural, meta["namespace"], meta["name"],
-                              owner_kind)
+        if owner is not None and not is_child(current, owner):
+            raise NotOurs(body.get("kind") or plural, meta["namespace"], meta["name"], owner)
         patch: Obj = {}
         for dotted in compare:
             want, have = _dig(body, dotted), _dig(current, dotted)
@@ -232,7 +194,7 @@ class Kube:
             return current
         result = await self.patch(plural, meta["namespace"], meta["name"], patch, group)
         if result is None and not read:
-            return await self.ensure(plural, body, group, compare, owner_kind=owner_kind)
+            return await self.ensure(plural, body, group, compare, owner=owner)
         return result
 
 

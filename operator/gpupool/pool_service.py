@@ -15,13 +15,14 @@ from pydantic import ValidationError
 from gpupool import events, keys, ledger, names, workload
 from gpupool.blocks import BLOCK_ORDER, Block, normalize_blocks
 from gpupool.conditions import get_condition, iso, set_condition
-from gpupool.kube import ApiError, Conflict, NotOurs, is_child
+from gpupool.kube import ApiError, Conflict
 from gpupool.models import (
     PoolSpec,
     describe_validation_error,
     parse_pool_spec,
     parse_subscription_spec,
 )
+from gpupool.ownership import NotOurs, Owner, is_child
 from gpupool.pricing import format_money, min_price
 from gpupool.world import key_of
 
@@ -212,7 +213,7 @@ async def _reconcile_pool(ctl: Controller, key: tuple[str, str],
         # the phase and the clock, so pausing (or an unsold block) frees the GPUs all the same.
         dep_name = names.deployment_name(name)
         dep = await ctl.kube.get("deployments", ns, dep_name, group="apps/v1")
-        if dep is not None and not is_child(dep, "Pool", name, names.LABEL_POOL):
+        if dep is not None and not is_child(dep, Owner.pool(name)):
             dep = None  # not this pool's: not touched
         if dep is None:
             desired = 0
@@ -350,12 +351,12 @@ async def _apply_workload(ctl: Controller, pool: Obj, spec: PoolSpec, desired: i
         # Minted once: an existing key is kept (only labels and owner are brought up to date).
         await ctl.kube.ensure("secrets", keys.build_upstream_key_secret(
             namespace=ns, pool=name, pool_uid=uid, api_key=keys.mint_key()),
-            compare=("metadata.labels", "metadata.ownerReferences"), owner_kind="Pool")
+            compare=("metadata.labels", "metadata.ownerReferences"), owner=Owner.pool(name))
         ctl.world.applied(("upstream-key", ns, secret_name), uid)
     service = workload.build_service(name, ns, uid, spec)
     fingerprint = json.dumps(service, sort_keys=True)
     if not ctl.world.applied_recently(("service", ns, name), fingerprint, ttl):
-        await ctl.kube.ensure("services", service, compare=CHILD_FIELDS, owner_kind="Pool")
+        await ctl.kube.ensure("services", service, compare=CHILD_FIELDS, owner=Owner.pool(name))
         ctl.world.applied(("service", ns, name), fingerprint)
     body = workload.build_deployment(name, ns, uid, spec, desired, secret_name)
     # ensure() merge-patches, which keeps whatever the patch does not mention: a field taken out
@@ -367,7 +368,7 @@ async def _apply_workload(ctl: Controller, pool: Obj, spec: PoolSpec, desired: i
     cached = ctl.world.latest("Deployment", (ns, body["metadata"]["name"]))
     dep = await ctl.kube.ensure("deployments", body, group="apps/v1",
                                 compare=(*CHILD_FIELDS, "metadata.annotations"),
-                                current=cached, read=cached is None, owner_kind="Pool")
+                                current=cached, read=cached is None, owner=Owner.pool(name))
     ctl.world.wrote(dep)
     return dep
 

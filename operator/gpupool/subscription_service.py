@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import logging
+from collections.abc import Awaitable
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -13,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from gpupool import events, keys, ledger, names
+from gpupool.billing_port import Outcome
 from gpupool.blocks import Block, normalize_blocks
 from gpupool.conditions import get_condition, iso, set_condition
 from gpupool.gate import gate_state, next_gate_change
-from gpupool.kube import Conflict, is_child
+from gpupool.kube import Conflict
 from gpupool.models import (
     PoolSpec,
     SubscriptionSpec,
@@ -24,6 +26,7 @@ from gpupool.models import (
     parse_pool_spec,
     parse_subscription_spec,
 )
+from gpupool.ownership import Owner, is_child, owner_ref
 from gpupool.pool_service import ACCEPTED, spec_readable
 from gpupool.pricing import cycle_amount, format_money, hour_slots, monthly_price, slot_count
 from gpupool.workqueue import RetryLater
@@ -533,11 +536,6 @@ def _pledged_before_activation(p: Pass) -> bool:
     return bool(charged and charged.get("reason") == RESERVATION_DUE)
 
 
-def _stripe_description(spec: SubscriptionSpec, blocks: tuple[Block, ...]) -> str:
-    return (f"gpupool {spec.pool_ref.name}: {spec.quantity} seat(s) in "
-            f"{', '.join(b.value for b in blocks)}")
-
-
 async def _activation_step(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, pool: Obj,
                            pool_phase: str, blocks: tuple[Block, ...]) -> None:
     billing = p.status["billing"]
@@ -546,12 +544,18 @@ async def _activation_step(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec,
             and p.status.get("phase") not in ("active", "past_due", "pending_key"):
         await _cancel(p, "PledgeCanceled", "canceled before the first charge")
         return
-    outcome = None
-    if ctl.billing.enabled and not billing.get("subscriptionId"):
-        outcome = await ctl.billing.ensure_subscription(
+
+    def subscribe() -> Awaitable[Outcome]:
+        """The one Stripe subscription of this Subscription, made if there is none."""
+        return ctl.billing.ensure_subscription(
             p.meta["uid"], spec.customer.id, f"{p.ns}/{spec.pool_ref.name}",
             Decimal(p.status["amount"]), pool_spec.currency, spec.billing_cycle,
-            _stripe_description(spec, blocks))
+            f"gpupool {spec.pool_ref.name}: {spec.quantity} seat(s) in "
+            f"{', '.join(b.value for b in blocks)}")
+
+    outcome = None
+    if ctl.billing.enabled and not billing.get("subscriptionId"):
+        outcome = await subscribe()
         if outcome.id:
             billing["subscriptionId"] = outcome.id
             billing["customerId"] = spec.customer.id
@@ -560,10 +564,7 @@ async def _activation_step(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec,
         if outcome.status == "incomplete":
             # The first payment was declined. Asked again, Stripe pays the open first invoice
             # once with a new default card, and says the same decline for the same card.
-            retried = await ctl.billing.ensure_subscription(
-                p.meta["uid"], spec.customer.id, f"{p.ns}/{spec.pool_ref.name}",
-                Decimal(p.status["amount"]), pool_spec.currency, spec.billing_cycle,
-                _stripe_description(spec, blocks))
+            retried = await subscribe()
             if retried.id == billing["subscriptionId"]:
                 outcome = retried
         elif outcome.status == "past_due":
@@ -655,8 +656,7 @@ async def _ensure_key(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, pool
     phase = p.status["phase"]
     gate = gate_state(phase, pool_phase, blocks, p.now)
     while True:
-        if current is not None and not is_child(current, "Subscription", p.name,
-                                                names.LABEL_SUBSCRIPTION):
+        if current is not None and not is_child(current, Owner.subscription(p.name)):
             # Someone else's: not ours to use or replace.
             p.status["gate"] = "closed"
             if mint:
@@ -667,7 +667,8 @@ async def _ensure_key(p: Pass, spec: SubscriptionSpec, pool_spec: PoolSpec, pool
                 p.wake(30)
             return
         # A key made for an earlier subscription of the same name is never handed on.
-        ours = current is not None and keys.owner_uid(current) == p.meta["uid"]
+        ours = current is not None and \
+            (owner_ref(current, "Subscription") or {}).get("uid") == p.meta["uid"]
         existing = keys.decode((current or {}).get("data")) if ours else {}
         rotated = ours and existing.get("rotation", "") != rotation
         api_key = existing.get("apiKey") if ours and not rotated else None

@@ -7,6 +7,7 @@ status condition. No raw Stripe exception reaches a reconcile.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from decimal import Decimal
 
 from gpupool.billing.config import BillingConfig
@@ -16,6 +17,7 @@ from gpupool.billing.errors import (
     PaymentDeclined,
     RetryableBillingError,
 )
+from gpupool.billing.results import SubscriptionResult
 from gpupool.billing.service import BillingService
 from gpupool.billing_port import Outcome
 from gpupool.metrics import Metrics
@@ -95,32 +97,28 @@ class StripeBilling:
                        reason=result.failure_reason)
 
     async def fetch_subscription(self, subscription_id: str) -> Outcome:
-        try:
-            result = await self.service.fetch_subscription(subscription_id)
-        except RetryableBillingError as exc:
-            self._count("fetch", "retry")
-            raise RetryLater(exc.delay, exc.reason) from None
-        except NotFound:
-            self._count("fetch", "not_found")
-            return Outcome(ok=True, id=subscription_id, status="canceled")
-        except BillingError as exc:
-            self._count("fetch", "error")
-            raise RetryLater(60, exc.reason) from None
-        self._count("fetch", "ok")
-        return Outcome(ok=True, id=result.subscription_id, status=result.status,
-                       current_period_end=result.current_period_end,
-                       reason=result.failure_reason)
+        return await self._read("fetch", subscription_id,
+                                self.service.fetch_subscription(subscription_id))
 
     async def retry_past_due(self, subscription_id: str, customer_id: str, uid: str) -> Outcome:
+        return await self._read("retry_past_due", subscription_id,
+                                self.service.retry_past_due(subscription_id, customer_id, uid))
+
+    async def _read(self, op: str, subscription_id: str,
+                    call: Awaitable[SubscriptionResult]) -> Outcome:
+        """A subscription as Stripe has it now; one it does not know has ended."""
         try:
-            result = await self.service.retry_past_due(subscription_id, customer_id, uid)
+            result = await call
         except RetryableBillingError as exc:
-            self._count("retry_past_due", "retry")
+            self._count(op, "retry")
             raise RetryLater(exc.delay, exc.reason) from None
+        except NotFound:
+            self._count(op, "not_found")
+            return Outcome(ok=True, id=subscription_id, status="canceled")
         except BillingError as exc:
-            self._count("retry_past_due", "error")
+            self._count(op, "error")
             raise RetryLater(60, exc.reason) from None
-        self._count("retry_past_due", "ok")
+        self._count(op, "ok")
         return Outcome(ok=True, id=result.subscription_id, status=result.status,
                        current_period_end=result.current_period_end,
                        reason=result.failure_reason)

@@ -1,4 +1,4 @@
-"""Which existing objects the operator treats as a parent's child (``gpupool.kube.is_child``)."""
+"""Which existing objects the operator treats as a parent's child (``gpupool.ownership``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from gpupool import names
 from gpupool.keys import owner_reference
-from gpupool.kube import is_child
+from gpupool.ownership import NotOurs, Owner, is_child
 
 OURS = {**names.MANAGED_BY, names.LABEL_POOL: "qwen"}
 
@@ -38,10 +38,16 @@ def obj(labels: dict[str, str] | None = None, owners: list[dict[str, Any]] | Non
      obj(OURS, [{"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "u"}]), True),
 ])
 def test_is_child(case: str, body: dict[str, Any], child: bool) -> None:
-    assert is_child(body, "Pool", "qwen", names.LABEL_POOL) is child, case
+    assert is_child(body, Owner.pool("qwen")) is child, case
 
 
 def test_a_subscription_key_secret_orphan_is_matched_by_the_subscription_label() -> None:
     labels = {**names.MANAGED_BY, names.LABEL_SUBSCRIPTION: "acme", names.LABEL_POOL: "qwen"}
-    assert is_child(obj(labels), "Subscription", "acme", names.LABEL_SUBSCRIPTION)
-    assert not is_child(obj(labels), "Subscription", "other", names.LABEL_SUBSCRIPTION)
+    assert is_child(obj(labels), Owner.subscription("acme"))
+    assert not is_child(obj(labels), Owner.subscription("other"))
+
+
+def test_not_ours_names_the_object_and_what_to_do() -> None:
+    message = str(NotOurs("Deployment", "ns", "qwen-vllm", Owner.pool("qwen")))
+    assert message == ("Deployment ns/qwen-vllm exists and was not made for this Pool; "
+                       "rename or delete it")
