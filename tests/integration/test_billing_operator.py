@@ -680,12 +680,17 @@ def test_sigkill_at_random_moments_charges_each_step_exactly_once(rig: Rig) -> N
 
     while True:
         # Pledges arrive three at a time while this process lives; then it dies at a random
-        # moment (sooner once the pool activates, so kills land amid the activations too).
+        # moment (sooner once the pool activates, so kills land amid the activations too; and
+        # soon after the last pledges, which start the activation: all 30 can be charged and
+        # active within two seconds, before a kill at the usual pace lands).
         batch, to_create[:3] = to_create[:3], []
         for body in batch:
             objs.create(body)
         activating = bool(kills) and in_activation(kills[-1])
-        time.sleep(rng.uniform(0.1, 1.2) if activating else rng.uniform(0.2, 2.0))
+        if batch and not to_create:
+            time.sleep(rng.uniform(0.05, 0.3))
+        else:
+            time.sleep(rng.uniform(0.1, 1.2) if activating else rng.uniform(0.2, 2.0))
         rig.operator.kill()
         kills.append(snapshot())
         during = sum(1 for k in kills if in_activation(k))
